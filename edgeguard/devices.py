@@ -1,0 +1,29 @@
+"""Device choice (`auto|cpu|cuda`) and autocast policy, in one place."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import EdgeguardError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EdgeguardError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise EdgeguardError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where fp32 is faster for small nets."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

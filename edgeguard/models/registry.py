@@ -1,0 +1,99 @@
+"""The model registry: `create_model(name, num_classes)` is the one way to build an architecture.
+
+Every model is a `Classifier`: `encoder` (image → feature map) followed by `head` (pooling + classifier),
+so that NTP, attacks and the Fisher term can address the two halves by name.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import EdgeguardError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+class Classifier(nn.Module):
+    """encoder → head. `features(x)` gives the pooled encoder output used by feature-space losses."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, arch: str, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.arch = arch
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.encoder(x), 1), 1)
+
+
+def register_model(name: str, description: str) -> Callable:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _MODELS[name] = fn
+        _DESCRIPTIONS[name] = description
+        return fn
+
+    return deco
+
+
+def list_models() -> dict[str, str]:
+    return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs) -> Classifier:
+    """Build a registered architecture from random init for 3×32×32 input and `num_classes` outputs."""
+    if name not in _MODELS:
+        raise EdgeguardError(f"unknown architecture {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
+    if num_classes < 2:
+        raise EdgeguardError(f"num_classes must be at least 2, got {num_classes}")
+    return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def _pool_linear(in_features: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+@register_model("small_cnn", "3 conv-BN-ReLU blocks (16-32-64) + linear head; for tests and the demo")
+def small_cnn(num_classes: int = 10, width: int = 16) -> Classifier:
+    w = width
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2)]
+
+    encoder = nn.Sequential(*block(3, w), *block(w, 2 * w), *block(2 * w, 4 * w))
+    return Classifier(encoder, _pool_linear(4 * w, num_classes), "small_cnn", num_classes)
+
+
+@register_model("resnet18", "torchvision ResNet-18 (standard stem) for 32 px; head = avgpool + fc")
+def resnet18(num_classes: int = 10) -> Classifier:
+    from torchvision.models import resnet18 as tv_resnet18
+
+    m = tv_resnet18(weights=None, num_classes=num_classes)
+    encoder = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    return Classifier(encoder, _pool_linear(512, num_classes), "resnet18", num_classes)
+
+
+@register_model("vgg11", "torchvision VGG-11 with BN; head = avgpool + 512-256-N MLP (NTL-style)")
+def vgg11(num_classes: int = 10) -> Classifier:
+    from torchvision.models import vgg11_bn
+
+    m = vgg11_bn(weights=None)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 256), nn.ReLU(inplace=True),
+                         nn.Linear(256, num_classes))
+    return Classifier(m.features, head, "vgg11", num_classes)
+
+
+@register_model("mobilenet_v3_small", "torchvision MobileNetV3-Small for 32 px; head = avgpool + classifier")
+def mobilenet_v3_small(num_classes: int = 10) -> Classifier:
+    from torchvision.models import mobilenet_v3_small as tv_mnv3
+
+    m = tv_mnv3(weights=None, num_classes=num_classes)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *m.classifier)
+    return Classifier(m.features, head, "mobilenet_v3_small", num_classes)

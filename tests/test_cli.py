@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from edgeguard.cli import main
+
+
+def test_train_and_info_on_real_mnist(tmp_path, data_root):
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(main, ["train", "--arch", "small_cnn", "--domain", "usps", "--epochs", "1",
+                                  "--out", str(out), "--device", "cpu", "--data-root", str(data_root)])
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output and out.exists()
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 0 and "small_cnn" in r.output and "usps" in r.output
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", "--domain", "nope", "--out", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "unknown domain" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, ["train", "--arch", "alexnet", "--domain", "mnist_sample",
+                             "--out", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "unknown architecture" in r.output
+    r = runner.invoke(main, ["info", str(tmp_path / "missing.safetensors")])
+    assert r.exit_code == 2 and "no such file" in r.output
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    r = runner.invoke(main, ["info", str(tmp_path / "junk.safetensors")])
+    assert r.exit_code == 2 and "safetensors" in r.output
+
+
+def test_help_everywhere():
+    for cmd in ([], ["train"], ["info"], ["domains"], ["demo"]):
+        r = CliRunner().invoke(main, cmd + ["--help"])
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_console_script_installed():
+    r = subprocess.run([sys.executable, "-m", "edgeguard.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "edgeguard" in r.stdout

@@ -1,0 +1,42 @@
+"""The layers: runtime imports neither torch nor the host packages; converters never import edgeguard."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'torch' or name.startswith('torch.') or name == 'torchvision':
+            raise ImportError('torch is blocked in this test')
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _imports(pkg: str) -> set[str]:
+    found = set()
+    for f in (REPO / pkg).rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_runtime_imports_without_torch():
+    mods = sorted("runtime." + p.stem if p.stem != "__init__" else "runtime"
+                  for p in (REPO / "runtime").glob("*.py"))
+    code = BLOCK_TORCH + "".join(f"import {m}\n" for m in mods) + \
+        "assert 'torch' not in sys.modules and 'edgeguard' not in sys.modules\nprint('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_import_direction():
+    assert not _imports("runtime") & {"torch", "torchvision", "edgeguard", "converters"}
+    assert "edgeguard" not in _imports("converters")
