@@ -114,6 +114,45 @@ def domains(data_root) -> None:
     click.echo("  imagefolder:PATH  any folder of class sub-folders (PATH/CLASS/*.png, or PATH/{train,test}/CLASS/*)")
 
 
+@main.command("evaluate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--target", required=True, help="Unauthorised domain the attacker fine-tunes on.")
+@click.option("--attack", "attacks", multiple=True, default=["direct-all/masked"], show_default=True,
+              help="direct-all | direct-head | initfc-all | initfc-head, then /masked or /free. Repeatable.")
+@click.option("--grid", default=None, help="Comma-separated sample ratios (default: NTP's 10-point grid).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.json, report.md, plots and the resumable run log.")
+@click.option("--unprotected", type=click.Path(dir_okay=False), default=None,
+              help="The source model before protection, for its reference curve and ΔS/ΔT.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=8e-4, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Cap the target training pool.")
+@click.option("--max-test", type=click.IntRange(min=1), default=None, help="Cap the target test set.")
+@data_root_option
+@device_option
+def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
+                 batch_size, max_train, max_test, data_root, device) -> None:
+    """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
+    from .evaluation.attack import parse_attack
+    from .evaluation.runner import EvalConfig, evaluate_model
+    from .evaluation.slc_auc import parse_grid
+
+    recipes = [parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                            batch_size=batch_size) for a in attacks]
+    cfg = EvalConfig(target=target, attacks=recipes, grid=parse_grid(grid), seeds=seeds, max_train=max_train,
+                     max_test=max_test, device=device, data_root=data_root)
+    res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
+    for e in res["attacks"]:
+        m, s = e["slc_auc"]
+        extra = f" (unprotected {e['unprotected_slc_auc'][0]:+.3f})" if "unprotected_slc_auc" in e else ""
+        click.echo(f"{e['attack']:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
+    click.echo(f"report: {Path(report_dir) / 'report.md'}")
+
+
 @main.command()
 def models() -> None:
     """List the architectures."""

@@ -305,10 +305,13 @@ def train_classifier(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     desc: str = "train",
+    train_modules: dict[str, nn.Module] | None = None,
 ) -> LoopState:
     """Supervised cross-entropy training of `model` (or only `params`) on `train`.
 
     With `mask` (a MaskSet), pruned weights get no gradient and are re-zeroed after every step.
+    `train_modules` are the modules put in train mode and checkpointed (default: the whole model); the
+    rest stays in eval mode (a linear probe keeps the frozen encoder's BatchNorm statistics).
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -326,8 +329,10 @@ def train_classifier(
 
     if mask_dev is not None:
         mask_dev.zero_masked_(model)
+    if train_modules is not None:
+        model.eval()
     return run_loop(
-        {"model": model},
+        train_modules if train_modules is not None else {"model": model},
         params if params is not None else model.parameters(),
         cfg,
         batches,

@@ -1,0 +1,209 @@
+"""`edgeguard evaluate`: run the attack grid for a model file, with resume and a scratch-curve cache.
+
+Every finished fine-tuning run is appended to DIR/runs.jsonl at once, so a killed evaluation resumes from
+the runs already done. Scratch runs (random init, same subsets and recipe) are cached per point under
+$EDGEGUARD_CACHE/scratch keyed by (architecture, domain, recipe, ratio, seed, data cap): trained once, reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.fileio import atomic_write_text
+
+from ..artifact import Artifact, load_artifact
+from ..devices import resolve_device
+from ..domains import get_domain
+from ..errors import EdgeguardError
+from ..progress import progress
+from ..training import TensorData, evaluate
+from .attack import AttackRecipe, run_point, scratch_model
+from .metrics import direct_metrics, mean_std
+from .slc_auc import DEFAULT_GRID, slc_auc
+
+
+@dataclass
+class EvalConfig:
+    target: str
+    attacks: list[AttackRecipe] = field(default_factory=lambda: [AttackRecipe()])
+    grid: tuple[float, ...] = DEFAULT_GRID
+    seeds: int = 1
+    max_train: int | None = None  # cap on the target training pool (tests, quick looks)
+    max_test: int | None = None
+    device: str = "auto"
+    data_root: str | None = None
+
+
+def _key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _scratch_cache() -> Path:
+    return Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "scratch"
+
+
+def _recipe_for_scratch(r: AttackRecipe) -> dict:
+    d = r.key()
+    for k in ("train", "head", "pruned"):  # scratch always trains everything from random init
+        d.pop(k)
+    return d
+
+
+class RunLog:
+    """Append-only JSONL of finished runs; a line is written only after its run completed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.done[row["key"]] = row
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by a crash is simply redone
+
+    def add(self, row: dict) -> None:
+        self.done[row["key"]] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: str | os.PathLike,
+                   unprotected: str | os.PathLike | None = None) -> dict:
+    """Run the grid for every attack (protected, scratch, and the unprotected model if given); write reports."""
+    from .report import write_report
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(cfg.device)
+    art = load_artifact(model_path, dev)
+    ref = load_artifact(unprotected, dev) if unprotected else None
+    dom = get_domain(cfg.target, cfg.data_root)
+    if dom.num_classes != art.meta["num_classes"]:
+        raise EdgeguardError(f"target {cfg.target} has {dom.num_classes} classes but the model "
+                             f"{art.meta['num_classes']}; the attack needs the same label space")
+    if ref is not None and (ref.meta["arch"] != art.meta["arch"]):
+        raise EdgeguardError("--unprotected must be the same architecture as the protected model")
+    if cfg.seeds < 1:
+        raise EdgeguardError("--seeds must be at least 1")
+    dom = dom.subset(cfg.max_train, cfg.max_test)
+    train = TensorData.from_numpy(dom.train_x, dom.train_y, dev)
+    test = TensorData.from_numpy(dom.test_x, dom.test_y, dev)
+    model_sha = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    ref_sha = hashlib.sha256(Path(unprotected).read_bytes()).hexdigest() if unprotected else None
+    data_key = {"domain": cfg.target, "max_train": cfg.max_train, "max_test": cfg.max_test}
+
+    jobs = []
+    for recipe in cfg.attacks:
+        for seed in range(cfg.seeds):
+            for ratio in cfg.grid:
+                jobs.append(("protected", recipe, seed, ratio, _key({"m": model_sha, "r": recipe.key(), "s": seed,
+                                                                     "ratio": ratio, **data_key})))
+                if ref is not None:
+                    jobs.append(("unprotected", recipe, seed, ratio,
+                                 _key({"m": ref_sha, "r": recipe.key(), "s": seed, "ratio": ratio, **data_key})))
+    for recipe in {json.dumps(_recipe_for_scratch(r), sort_keys=True): r for r in cfg.attacks}.values():
+        for seed in range(cfg.seeds):
+            for ratio in cfg.grid:
+                jobs.append(("scratch", recipe, seed, ratio,
+                             _key({"arch": art.meta["arch"], "arch_args": art.meta.get("arch_args", {}),
+                                   "r": _recipe_for_scratch(recipe), "s": seed, "ratio": ratio, **data_key})))
+
+    log = RunLog(report_dir / "runs.jsonl")
+    cache_dir = _scratch_cache()
+    t0 = time.perf_counter()
+    for kind, recipe, seed, ratio, key in progress(jobs, desc=f"evaluate → {cfg.target}"):
+        if key in log.done:
+            continue
+        cache_file = cache_dir / f"{key}.json"
+        if kind == "scratch" and cache_file.exists():
+            try:
+                row = json.loads(cache_file.read_text())
+                log.add({**row, "cached": True})
+                continue
+            except json.JSONDecodeError:
+                cache_file.unlink(missing_ok=True)
+        t = time.perf_counter()
+        if kind == "scratch":
+            start = scratch_model(art.meta["arch"], art.meta["num_classes"], seed, art.meta.get("arch_args"))
+            point = run_point(start, None, train, test, ratio, AttackRecipe(**{**recipe.key(), "train": "all",
+                                                                               "head": "kept"}),
+                              seed, dom.num_classes, str(dev))
+        else:
+            src = art if kind == "protected" else ref
+            point = run_point(src.model, src.mask, train, test, ratio, recipe, seed, dom.num_classes, str(dev))
+        row = {"key": key, "kind": kind, "attack": recipe.name if kind != "scratch" else "scratch",
+               "recipe": recipe.key(), **point, "seconds": round(time.perf_counter() - t, 3)}
+        if kind == "scratch":
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_file, json.dumps(row))
+        log.add(row)
+    wall = time.perf_counter() - t0
+
+    results = summarise(art, ref, cfg, jobs, log, dom_name=cfg.target, test=test)
+    results["wall_seconds"] = round(wall, 2)
+    results["device"] = str(dev)
+    write_report(results, report_dir)
+    return results
+
+
+def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs, log: RunLog, dom_name: str,
+              test: TensorData) -> dict:
+    rows = {key: log.done[key] for *_, key in jobs}
+
+    def curves(kind: str, recipe: AttackRecipe) -> list[list[float]]:
+        out = []
+        for seed in range(cfg.seeds):
+            out.append([rows[k]["accuracy"] for kd, r, s, _, k in jobs if kd == kind and s == seed
+                        and (kd == "scratch" and _recipe_for_scratch(r) == _recipe_for_scratch(recipe)
+                             or kd != "scratch" and r == recipe)])
+        return out
+
+    attacks = []
+    for recipe in cfg.attacks:
+        prot, scr = curves("protected", recipe), curves("scratch", recipe)
+        per_seed = [slc_auc(cfg.grid, p, s) for p, s in zip(prot, scr)]
+        entry = {"attack": recipe.name, "recipe": recipe.key(), "ratios": list(cfg.grid),
+                 "n": [rows[k]["n"] for kd, r, s, _, k in jobs if kd == "protected" and r == recipe and s == 0],
+                 "protected": prot, "scratch": scr,
+                 "slc_auc": mean_std(d["slc_auc"] for d in per_seed),
+                 "slc_auc_normalised": mean_std(d["slc_auc_normalised"] for d in per_seed),
+                 "regrown_weights": [rows[k].get("regrown_weights", 0) for kd, r, _, _, k in jobs
+                                     if kd == "protected" and r == recipe]}
+        if ref is not None:
+            unp = curves("unprotected", recipe)
+            entry["unprotected"] = unp
+            entry["unprotected_slc_auc"] = mean_std(slc_auc(cfg.grid, u, s)["slc_auc"] for u, s in zip(unp, scr))
+        attacks.append(entry)
+
+    direct = None
+    target_after = evaluate(art.model, test)
+    acc_meta = art.meta.get("accuracies", {})
+    src_name = art.meta.get("source_domain")
+    source_after = source_before = target_before = None
+    try:
+        src_dom = get_domain(src_name, cfg.data_root).subset(None, cfg.max_test)
+        src_test = TensorData.from_numpy(src_dom.test_x, src_dom.test_y, test.x.device)
+        source_after = evaluate(art.model, src_test)
+        if ref is not None:
+            source_before = evaluate(ref.model, src_test)
+    except EdgeguardError:
+        pass
+    if ref is not None:
+        target_before = evaluate(ref.model, test)
+    source_before = source_before if source_before is not None else acc_meta.get("source_before")
+    target_before = target_before if target_before is not None else acc_meta.get(f"target_before:{dom_name}")
+    if None not in (source_before, source_after, target_before):
+        direct = direct_metrics(source_before, source_after, target_before, target_after)
+    return {"model": str(art.path), "arch": art.meta["arch"], "method": art.meta.get("method"),
+            "source_domain": src_name, "target": dom_name, "seeds": cfg.seeds, "grid": list(cfg.grid),
+            "sparsity": (art.meta.get("mask") or {}).get("sparsity", 0.0), "target_accuracy_direct": target_after,
+            "source_accuracy": source_after, "direct": direct, "attacks": attacks,
+            "unprotected_model": str(ref.path) if ref is not None else None}

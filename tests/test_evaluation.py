@@ -1,0 +1,122 @@
+"""Fine-tuning attacks and SLC-AUC on real data (small grids)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeguard.artifact import build_meta, load_artifact, save_artifact
+from edgeguard.evaluation.attack import AttackRecipe, parse_attack, stratified_subset
+from edgeguard.evaluation.runner import EvalConfig, evaluate_model
+from edgeguard.evaluation.slc_auc import curve_auc, slc_auc
+from edgeguard.masks import MaskSet
+
+FAST = dict(lr=1e-3, epochs=8, batch_size=64)
+GRID = (0.02, 0.1, 0.3)
+
+
+def _cfg(**kw):
+    base = dict(target="usps", attacks=[AttackRecipe(**FAST)], grid=GRID, seeds=1, max_train=2000, max_test=600,
+                device="cpu")
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_slc_auc_trapezoid_on_log_axis():
+    r = [0.01, 0.1, 1.0]
+    assert curve_auc(r, [1.0, 1.0, 1.0]) == pytest.approx(np.log(100))
+    assert curve_auc(r, [0.0, 0.5, 1.0]) == pytest.approx(np.log(10) * 0.25 + np.log(10) * 0.75)
+    d = slc_auc(r, [0.1, 0.1, 0.1], [0.5, 0.5, 0.5])
+    assert d["slc_auc"] == pytest.approx(-0.4 * np.log(100))
+    assert d["slc_auc_normalised"] == pytest.approx(-0.4)
+
+
+def test_stratified_subset_has_every_class():
+    y = np.repeat(np.arange(10), [500, 40, 40, 40, 40, 40, 40, 40, 40, 10])
+    idx = stratified_subset(y, 0.001, seed=0, num_classes=10)
+    assert set(y[idx]) == set(range(10))
+    a, b = stratified_subset(y, 0.1, 1, 10), stratified_subset(y, 0.1, 1, 10)
+    assert np.array_equal(a, b) and not np.array_equal(a, stratified_subset(y, 0.1, 2, 10))
+    assert abs(len(a) - 83) <= 10
+
+
+def test_parse_attack_names():
+    r = parse_attack("initfc-head/free")
+    assert (r.train, r.head, r.pruned) == ("head", "reinit", "free")
+    from edgeguard.errors import EdgeguardError
+
+    with pytest.raises(EdgeguardError, match="unknown attack"):
+        parse_attack("everything")
+
+
+def test_transfer_beats_scratch(mnist_model, tmp_path):
+    res = evaluate_model(mnist_model, _cfg(), tmp_path / "rep")
+    assert res["attacks"][0]["slc_auc"][0] > 0
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "attack_direct-all_masked.png").exists()
+
+
+@pytest.fixture(scope="module")
+def zeroed_model(mnist_model, tmp_path_factory):
+    """The MNIST model with every prunable weight masked to 0."""
+    art = load_artifact(mnist_model)
+    mask = MaskSet.ones(art.model)
+    for v in mask.masks.values():
+        v.zero_()
+    path = tmp_path_factory.mktemp("zero") / "zero.safetensors"
+    save_artifact(path, art.model, {**art.meta, "method": "all-masked"}, mask)
+    return path
+
+
+def test_fully_masked_model_is_far_below_scratch_and_stays_zero(zeroed_model, tmp_path):
+    res = evaluate_model(zeroed_model, _cfg(), tmp_path / "rep")
+    e = res["attacks"][0]
+    assert e["slc_auc"][0] < -0.5
+    assert all(n == 0 for n in e["regrown_weights"])
+
+
+def test_free_attack_regrows_pruned_weights(zeroed_model, tmp_path):
+    res = evaluate_model(zeroed_model, _cfg(attacks=[AttackRecipe(pruned="free", **FAST)], grid=(0.05, 0.1)),
+                         tmp_path / "rep")
+    assert all(n > 0 for n in res["attacks"][0]["regrown_weights"])
+
+
+def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypatch):
+    import edgeguard.evaluation.runner as runner
+
+    cfg = _cfg(grid=(0.02, 0.05, 0.1), seeds=1)
+    monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_a"))
+    full = evaluate_model(mnist_model, cfg, tmp_path / "a")
+
+    monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_b"))
+    real = runner.run_point
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "run_point", dying)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(mnist_model, cfg, tmp_path / "b")
+    assert len((tmp_path / "b" / "runs.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(runner, "run_point", real)
+    resumed = evaluate_model(mnist_model, cfg, tmp_path / "b")
+    assert resumed["attacks"][0]["protected"] == full["attacks"][0]["protected"]
+    assert resumed["attacks"][0]["scratch"] == full["attacks"][0]["scratch"]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # 3 protected + 3 scratch, none run twice
+
+
+def test_head_only_attack_keeps_encoder(mnist_model, data_root):
+    from edgeguard.domains import get_domain
+    from edgeguard.evaluation.attack import fine_tune
+    from edgeguard.training import TensorData
+
+    art = load_artifact(mnist_model)
+    d = get_domain("usps").subset(200)
+    tuned = fine_tune(art.model, None, TensorData.from_numpy(d.train_x, d.train_y),
+                      AttackRecipe(train="head", head="reinit", epochs=1), seed=0, device="cpu")
+    for (k, a), b in zip(art.model.encoder.state_dict().items(), tuned.encoder.state_dict().values()):
+        assert torch.equal(a, b.cpu()), k
