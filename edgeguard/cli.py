@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .errors import EdgeguardError
 
@@ -151,6 +152,122 @@ def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, op
         extra = f" (unprotected {e['unprotected_slc_auc'][0]:+.3f})" if "unprotected_slc_auc" in e else ""
         click.echo(f"{e['attack']:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
     click.echo(f"report: {Path(report_dir) / 'report.md'}")
+
+
+@main.command()
+@click.option("--method", type=click.Choice(["map", "ntp"]), required=True, help="Protection method.")
+@click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="The trained source model.")
+@click.option("--target", default=None, help="Unauthorised domain (not needed for MAP --setting data-free).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Protected model file to write.")
+@click.option("--setting", type=click.Choice(["source-available", "source-free", "data-free"]),
+              default="source-available", show_default=True, help="MAP: which data the defender has.")
+@click.option("--sparsity", type=float, default=None,
+              help="MAP: cap on the pruned fraction; NTP: the exact sparsity to reach (default 0.9).")
+@click.option("--budget", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="MAP: apply the sparsity cap globally or per layer.")
+@click.option("--structure", type=click.Choice(["2:4"]), default=None, help="MAP: keep 2 of every 4 weights.")
+@click.option("--layers", type=click.Choice(["all", "encoder", "head"]), default="all", show_default=True,
+              help="MAP: which layers are masked.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="MAP epochs / NTP epochs per ADMM iteration.")
+@click.option("--lr", type=float, default=None, help="Learning rate (method default if omitted).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--alpha", type=float, default=None, help="NTP: weight of the target CE term.")
+@click.option("--lam", "lam", type=float, default=None, help="NTP: weight of the Fisher term.")
+@click.option("--rho", type=float, default=None, help="NTP: ADMM penalty.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="NTP: ADMM iterations.")
+@click.option("--recovery-epochs", type=click.IntRange(min=0), default=None, help="NTP: masked source epochs.")
+@click.option("--ntp-loss", type=click.Choice(["fisher", "mmd"]), default=None, help="NTP: loss (mmd = NTL ablation).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt.")
+@data_root_option
+@device_option
+def protect(method, source_model, target, out, setting, sparsity, budget, structure, layers, epochs, lr, batch_size,
+            alpha, lam, rho, iterations, recovery_epochs, ntp_loss, seed, resume, data_root, device) -> None:
+    """Protect a source model against reuse on a target domain (MAP or NTP)."""
+    given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size).items() if v is not None}
+    if method == "map":
+        from .methods.map import MapConfig, protect_map
+
+        cfg = MapConfig(setting=setting, sparsity=sparsity, budget=budget, structure=structure, layers=layers,
+                        seed=seed, device=device, **given)
+        r = protect_map(source_model, target, out, cfg, data_root=data_root, resume=resume)
+    else:
+        from .methods.ntp import NtpConfig, protect_ntp
+
+        extra = {k: v for k, v in dict(alpha=alpha, lam=lam, rho=rho, iterations=iterations, sparsity=sparsity,
+                                       recovery_epochs=recovery_epochs, loss=ntp_loss).items() if v is not None}
+        cfg = NtpConfig(seed=seed, device=device, **given, **extra)
+        r = protect_ntp(source_model, target, out, cfg, data_root=data_root, resume=resume)
+    click.echo(_protect_summary(method, r, out))
+
+
+def _protect_summary(method: str, r: dict, out: str) -> str:
+    parts = [f"{method.upper()}: sparsity {r['sparsity'] * 100:.1f}%"]
+    if "source_before" in r:
+        parts.append(f"source {r['source_before'] * 100:.2f}% → {r['source_after'] * 100:.2f}%")
+    for k in r:
+        if k.startswith("target_before:"):
+            name = k.split(":", 1)[1]
+            parts.append(f"target {name} {r[k] * 100:.2f}% → {r['target_after:' + name] * 100:.2f}%")
+    parts.append(f"{r['seconds']:.0f} s → {out}")
+    return ", ".join(parts)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Images to synthesise.")
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--neighbours", is_flag=True, help="Draw the data-free neighbour domains made from them instead.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+def synthesize(file, out, n, iterations, neighbours, seed, device) -> None:
+    """Synthesise pseudo-source images from a model's BatchNorm statistics and write them as a PNG grid."""
+    from .artifact import load_artifact
+    from .methods.synthesis import SynthesisConfig, cached_pseudo_source, image_grid, neighbour_domains
+
+    art = load_artifact(file)
+    cfg = SynthesisConfig(n=n, batch_size=min(n, 256), iterations=iterations, seed=seed)
+    x, y = cached_pseudo_source(art.model, art.meta["num_classes"], cfg, device)
+    if neighbours:
+        x = neighbour_domains(x, seed)
+    order = np.argsort(y, kind="stable") if not neighbours else np.arange(len(x))
+    image_grid(x[order], out)
+    click.echo(f"{len(x)} images → {out}")
+
+
+@main.command("build")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--target", default="onnx", show_default=True,
+              help="onnx | cpu | tensorrt | jetson-orin (alias jetson) | jetson-xavier.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, help="Ed25519 private key (PEM).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Default: the target's (fp16 for TensorRT targets, fp32 otherwise).")
+@click.option("--samples", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Validation samples per domain carried in the bundle.")
+@click.option("--unauthorised", multiple=True, help="Unauthorised domains to carry (default: the model's targets).")
+@click.option("--report", type=click.Path(), default=None, help="An evaluation report whose SLC-AUC goes in the manifest.")
+@data_root_option
+def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, data_root) -> None:
+    """Export a protected model to a signed deployment bundle."""
+    from .build import build
+
+    r = build(file, out, target=target, sign_key=sign_key, precision=precision, samples=samples,
+              data_root=data_root, report=report, unauthorised=list(unauthorised) or None)
+    acc = ", ".join(f"{k} {v * 100:.1f}%" for k, v in r["accuracy"].items())
+    click.echo(f"bundle {r['bundle']} ({r['target']}, {r['precision']}, {'signed' if r['signed'] else 'UNSIGNED'}): "
+               f"ONNX parity max |Δ| {r['parity']['max_abs_diff']:.1e}; {acc}")
+
+
+@main.command()
+@click.option("--out", required=True, help="Prefix: writes PREFIX.key (private, 0600) and PREFIX.pub.")
+def keygen(out) -> None:
+    """Write an Ed25519 key pair for signing bundles."""
+    from converters.signing import generate_keypair
+
+    k, p = generate_keypair(out)
+    click.echo(f"private key {k} (keep it secret), public key {p} (put it on the devices)")
 
 
 @main.command()

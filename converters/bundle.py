@@ -1,0 +1,235 @@
+"""Write a deployment bundle (design §5): model.onnx, manifest.json, manifest.sig, mask.bits, validation/,
+build_engine.sh, README.txt. Written into a temporary folder and renamed into place: a failed build leaves
+no half bundle. The same inputs give the same model.onnx bytes and the same manifest apart from `created`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime import maskbits
+from runtime.fileio import sha256_file
+from runtime.manifest import (
+    SCHEMA_VERSION,
+    DomainCheck,
+    FileEntry,
+    InputSpec,
+    Manifest,
+    MaskSpec,
+    TargetProfile,
+)
+
+from . import onnx_export, quantize, signing, tensorrt_build
+from .targets import get_target
+
+
+@dataclass
+class DomainSamples:
+    name: str
+    x: np.ndarray  # uint8 N×3×32×32
+    y: np.ndarray  # int64
+
+
+@dataclass
+class ModelDescription:
+    """Everything the converters need besides the nn.Module (no edgeguard types)."""
+
+    classes: list[str]
+    masks: dict[str, np.ndarray]
+    authorised: DomainSamples
+    unauthorised: list[DomainSamples] = field(default_factory=list)
+    method: str = "none"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    scale: float = 1 / 255.0
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+    slc_auc: dict | None = None
+    authorised_tolerance: float = 0.02  # the device must reach host accuracy − this
+    unauthorised_margin: float = 0.05  # and stay under host accuracy + this on unauthorised samples
+
+
+class BuildError(Exception):
+    pass
+
+
+def _normalise(x: np.ndarray, d: ModelDescription) -> np.ndarray:
+    mean = np.asarray(d.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(d.std, np.float32).reshape(1, -1, 1, 1)
+    return (x.astype(np.float32) * np.float32(d.scale) - mean) / std
+
+
+def _ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    preds = []
+    for s in range(0, len(x), 256):
+        preds.append(sess.run(None, {sess.get_inputs()[0].name: x[s : s + 256]})[0].argmax(1))
+    p = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    return float((p == y).mean()) if len(y) else 0.0, p
+
+
+def _is_24(masks: dict[str, np.ndarray]) -> bool:
+    for m in masks.values():
+        flat = m.reshape(m.shape[0], -1)
+        cols = flat.shape[1] - flat.shape[1] % 4
+        if cols == 0 or (flat[:, :cols].reshape(flat.shape[0], -1, 4).sum(-1) > 2).any():
+            return False
+    return bool(masks)
+
+
+def _npz_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=x.astype(np.uint8), y=y.astype(np.int64))
+    return buf.getvalue()
+
+
+def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, target: str = "onnx",
+                 sign_key: str | os.PathLike | None = None, precision: str | None = None,
+                 build_local_engine: bool = True) -> dict:
+    """Export, check, measure, sign and write the bundle; returns a summary."""
+    prof = get_target(target)
+    precision = precision or prof.precision
+    if precision not in ("fp32", "fp16", "int8"):
+        raise BuildError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "fp16" and prof.backend == "onnxruntime":
+        raise BuildError(f"--precision fp16 needs a TensorRT target; target {prof.name} runs ONNX Runtime in fp32 "
+                         "(or int8)")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        summary = _build_into(tmp, model, desc, prof, precision, sign_key, build_local_engine)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["bundle"] = str(out_dir)
+    return summary
+
+
+def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, sign_key, build_local_engine) -> dict:
+    masks = {k: np.asarray(v, bool) for k, v in desc.masks.items()}
+    bits, layout = maskbits.pack(masks)
+    mask_sha = maskbits.digest(bits)
+    (tmp / "mask.bits").write_bytes(bits)
+    onnx_fp32 = tmp / ("model.onnx" if precision != "int8" else "model_fp32.onnx")
+    meta = {"edgeguard_format": "1", "edgeguard_mask_sha256": mask_sha, "edgeguard_method": desc.method,
+            "edgeguard_normalisation": "manifest"}
+    try:
+        mapping = onnx_export.export_onnx(model, masks, onnx_fp32, desc.input_shape, metadata=meta)
+        xa = _normalise(desc.authorised.x, desc)
+        par = onnx_export.parity(model, onnx_fp32, xa[:256])
+    except onnx_export.ExportError as e:
+        raise BuildError(f"export: {e}") from None
+    model_path = onnx_fp32
+    result = {"parity": par, "precision": precision}
+    if precision == "int8":
+        model_path = tmp / "model.onnx"
+        quantize.quantize_qdq(onnx_fp32, model_path, xa[:256])
+        mapping = quantize.remap_initializers(model_path, mapping)
+        import onnx
+
+        qm = onnx.load(str(model_path))
+        for k, v in meta.items():
+            e = qm.metadata_props.add()
+            e.key, e.value = k, v
+        model_path.write_bytes(qm.SerializeToString())
+        _, p32 = _ort_accuracy(onnx_fp32, xa, desc.authorised.y)
+        _, p8 = _ort_accuracy(model_path, xa, desc.authorised.y)
+        result["int8_top1_agreement"] = float((p32 == p8).mean())
+        onnx_fp32.unlink()
+    files_needed = onnx_export.model_files(model_path)
+
+    os.makedirs(tmp / "validation", exist_ok=True)
+    checks = []
+    for role, ds in [("authorised", desc.authorised)] + [("unauthorised", u) for u in desc.unauthorised]:
+        rel = f"validation/{role}_{ds.name.replace(':', '_').replace('/', '_')}.npz"
+        (tmp / rel).write_bytes(_npz_bytes(ds.x, ds.y))
+        acc, _ = _ort_accuracy(model_path, _normalise(ds.x, desc), ds.y)
+        checks.append(DomainCheck(
+            name=ds.name, file=rel, sha256=sha256_file(tmp / rel), samples=int(len(ds.y)), accuracy=acc,
+            min_accuracy=max(0.0, acc - desc.authorised_tolerance) if role == "authorised" else None,
+            max_accuracy=min(1.0, acc + desc.unauthorised_margin) if role == "unauthorised" else None))
+    result["accuracy"] = {c.name: c.accuracy for c in checks}
+
+    sparse_24 = _is_24(masks)
+    strongly = prof.tensorrt_version is not None and tensorrt_build.major_version(prof.tensorrt_version) >= 11
+    script = ["#!/bin/sh", "# Build the TensorRT engine ON THIS DEVICE (engines are tied to the GPU and the TensorRT",
+              "# version). Never add --sparsity=force: it would rewrite the learned mask.", "set -e",
+              'cd "$(dirname "$0")"',
+              tensorrt_build.trtexec_command("model.onnx", "model.engine", precision if precision != "fp32" else
+                                             "fp32", sparse_24, prof.workspace_mb or 1024, prof.dla, strongly),
+              'echo "engine: model.engine; validate with: edgeguard-runtime validate . --public-key vendor.pub '
+              '--engine model.engine"']
+    (tmp / "build_engine.sh").write_text("\n".join(script) + "\n")
+    os.chmod(tmp / "build_engine.sh", 0o755)
+    engine_info = None
+    if prof.name == "tensorrt" and build_local_engine and tensorrt_build.is_available():
+        info = tensorrt_build.build_engine(model_path, tmp / "model.engine", precision, sparse_24,
+                                           prof.workspace_mb, tmp / "timing.cache")
+        engine_info = {"file": "model.engine", "sha256": sha256_file(tmp / "model.engine"),
+                       "tensorrt_version": info["tensorrt_version"], "compute_capability": None}
+    (tmp / "README.txt").write_text(_readme(prof.name, precision))
+
+    files = [FileEntry("build_engine.sh", sha256_file(tmp / "build_engine.sh"), (tmp / "build_engine.sh").stat().st_size),
+             FileEntry("README.txt", sha256_file(tmp / "README.txt"), (tmp / "README.txt").stat().st_size)]
+    for extra in files_needed:
+        if extra != model_path:
+            files.append(FileEntry(extra.name, sha256_file(extra), extra.stat().st_size))
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        producer="edgeguard converters 0.1.0", method=desc.method, classes=list(desc.classes),
+        input=InputSpec(shape=list(desc.input_shape), mean=list(desc.mean), std=list(desc.std), scale=desc.scale),
+        model=FileEntry("model.onnx", sha256_file(model_path), model_path.stat().st_size),
+        mask=MaskSpec(file="mask.bits", sha256=mask_sha, layout=[[n, list(s)] for n, s in layout],
+                      initializers=mapping, sparsity=1 - sum(int(m.sum()) for m in masks.values())
+                      / max(1, sum(m.size for m in masks.values()))),
+        authorised=checks[0], unauthorised=checks[1:],
+        target=TargetProfile(name=prof.name, backend=prof.backend, precision=precision,
+                             compute_capability=prof.compute_capability, tensorrt_version=prof.tensorrt_version,
+                             jetpack=prof.jetpack, workspace_mb=prof.workspace_mb, dla=prof.dla,
+                             sparse_weights=sparse_24),
+        files=files, engine=engine_info, slc_auc=desc.slc_auc, opset=onnx_export.OPSET)
+    raw = manifest.to_json().encode()
+    (tmp / "manifest.json").write_bytes(raw)
+    if sign_key is not None:
+        try:
+            (tmp / "manifest.sig").write_bytes(signing.sign(raw, sign_key))
+        except ValueError as e:
+            raise BuildError(str(e)) from None
+    result.update(signed=sign_key is not None, sparse_24=sparse_24, model_bytes=model_path.stat().st_size,
+                  target=prof.name, engine_built=engine_info is not None)
+    return result
+
+
+def _readme(target: str, precision: str) -> str:
+    return f"""edgeguard deployment bundle (target {target}, precision {precision})
+
+model.onnx       the protected classifier, mask baked in (pruned weights are exactly 0)
+manifest.json    what the device checks: hashes, mask layout, input normalisation, accuracy bounds
+manifest.sig     Ed25519 signature of manifest.json (verify with the vendor's public key)
+mask.bits        the packed binary mask: every masked weight must still be 0
+validation/      authorised and unauthorised samples (.npz: x uint8 N×3×32×32, y int64)
+build_engine.sh  builds the TensorRT engine on this device (trtexec)
+
+On the device:
+  sh build_engine.sh                     # only where TensorRT is installed
+  edgeguard-runtime validate . --public-key vendor.pub [--engine model.engine]
+"""

@@ -1,0 +1,59 @@
+"""INT8 through explicit quantisation: a QDQ ONNX model made with onnxruntime's static quantiser, calibrated
+on authorised-domain samples. Works for TensorRT 10 and 11 alike (Q/DQ nodes carry the precision).
+
+Weights are quantised symmetrically per channel (zero point 0), so a masked 0 stays exactly 0 in int8;
+`remap_initializers` points the mask at the quantised weight tensors for the integrity check.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class _Reader:
+    def __init__(self, x: np.ndarray, input_name: str, batch: int = 32):
+        self.batches = [{input_name: x[i : i + batch]} for i in range(0, len(x), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, input_name: str = "input") -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        src = pre
+    except Exception:
+        src = fp32_path
+    quantize_static(str(src), str(out_path), _Reader(calibration.astype(np.float32), input_name),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    pre.unlink(missing_ok=True)
+
+
+def remap_initializers(qdq_path: Path, mapping: dict[str, str]) -> dict[str, str]:
+    """After quantisation a weight W lives in `W_quantized` (int8): point the mask there."""
+    import onnx
+
+    names = {i.name for i in onnx.load(str(qdq_path), load_external_data=False).graph.initializer}
+    out = {}
+    for layer, init in mapping.items():
+        for cand in (f"{init}_quantized", init):
+            if cand in names:
+                out[layer] = cand
+                break
+        else:
+            raise ValueError(f"quantised model has no initializer for {layer!r} ({init})")
+    return out

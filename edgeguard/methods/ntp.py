@@ -1,0 +1,343 @@
+"""NTP (Non-transferable Pruning, ECCV 2024): ADMM pruning of the encoder with a non-transferable loss and
+a Fisher-space regulariser, so that even fine-tuning the pruned model on target data does worse than
+training from scratch.
+
+    L = CE(h_s f(x_s), y_s) − α·min(CE(h_t f(x_t), y_t), clip) + λ·S_B/S_W(f(x_t), y_t)
+
+Decisions on the ambiguities of shared/methods/ntp.md §8, and why:
+1. ADMM penalty: the squared (ρ/2)‖W − Z + U‖² (standard ADMM; the reference's un-squared norm has a
+   gradient of constant size that never lets W settle onto Z).
+2. Z-step: global magnitude top-k of (W + U)⊙M, which hits the requested sparsity exactly (the reference's
+   ℓ1 soft-threshold overshoots), with a per-layer floor (each layer keeps at least `layer_floor` of its
+   weights, and at least one) so no layer is pruned away. The sparsity rises on a cubic schedule over the
+   first `ramp` of the iterations and reaches the request at the last; pruning is monotone (M only loses
+   entries), so the final mask is exactly the requested sparsity.
+3. What is pruned: the encoder's conv (and linear) weights, first conv included. BatchNorm affine
+   parameters are trained but not pruned (a pruned BN scale only zeroes a whole channel, which the mask
+   format expresses through the conv weights anyway). The heads are never pruned.
+4. Fisher term: on the encoder output average-pooled to (B, C) and L2-normalised over channels (pooling
+   makes it independent of the feature-map size; the reference's 7×7 map crashes elsewhere). S_W is the mean
+   over the classes present in the batch of the within-class variance, S_B the variance of the present class
+   means around their unweighted mean; classes missing from a batch are skipped, any number of classes works,
+   and a batch with fewer than two classes contributes 0.
+5. Heads: h_s is the source model's head, h_t a copy first trained on target data with the encoder frozen;
+   both are frozen during ADMM (as in the reference), only the encoder moves.
+6. BatchNorm statistics: the W-step runs BN in train mode on source and target batches separately; after
+   ADMM (and after recovery) the running statistics are re-estimated on source data alone, so the shipped
+   model's eval-mode statistics are the source domain's (the reference scored 13 % until its recovery).
+7. Defender data: labelled source and target fractions (default 0.1 each, as the reference).
+8. The NTL-style ablation (`loss="mmd"`): L = CE_s − α·min(CE_t, 3)·min(MMD(f_s, f_t), 1), Gaussian MMD with
+   5 kernels (multiplier 2) on pooled features.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.fileio import atomic_path, atomic_write_text
+
+from ..artifact import build_meta, load_artifact, save_artifact
+from ..devices import autocast, resolve_device
+from ..domains import get_domain
+from ..errors import EdgeguardError
+from ..masks import MaskSet, prunable_names
+from ..progress import progress
+from ..training import TensorData, TrainConfig, augment, evaluate, iterate_batches, normalize, run_loop, \
+    train_classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NtpConfig:
+    alpha: float = 0.1
+    lam: float = 1.0
+    rho: float = 0.01
+    clip: float = 10.0
+    sparsity: float = 0.9
+    layer_floor: float = 0.01
+    iterations: int = 20
+    ramp: float = 0.7  # fraction of iterations over which sparsity rises to the request
+    epochs: int = 2  # W-step epochs per ADMM iteration
+    lr: float = 1e-3
+    weight_decay: float = 8e-4
+    batch_size: int = 128
+    source_fraction: float = 0.1
+    target_fraction: float = 0.1
+    head_epochs: int = 5
+    recovery_epochs: int = 2
+    loss: str = "fisher"  # fisher | mmd
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not 0 < self.sparsity < 1:
+            raise EdgeguardError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+        if not 0 < self.source_fraction <= 1 or not 0 < self.target_fraction <= 1:
+            raise EdgeguardError("source and target fractions must be in (0, 1]")
+        if self.loss not in ("fisher", "mmd"):
+            raise EdgeguardError(f"NTP loss must be fisher or mmd, got {self.loss!r}")
+        if self.rho <= 0 or self.lr <= 0 or self.iterations < 1 or self.epochs < 1:
+            raise EdgeguardError("rho, lr, iterations and epochs must be positive")
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    f = model.encoder(x)
+    return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)
+
+
+def fisher_ratio(features: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """S_B / S_W of L2-normalised pooled features over the classes present in the batch (decision 4)."""
+    f = F.normalize(features.float(), dim=1)
+    classes = labels.unique()
+    if len(classes) < 2:
+        return f.sum() * 0.0
+    means, within = [], []
+    for c in classes:
+        fc = f[labels == c]
+        mu = fc.mean(0)
+        means.append(mu)
+        within.append(((fc - mu) ** 2).mean())
+    mu_c = torch.stack(means)
+    s_b = ((mu_c - mu_c.mean(0)) ** 2).mean()
+    s_w = torch.stack(within).mean()
+    return s_b / (s_w + eps)
+
+
+def gaussian_mmd(a: torch.Tensor, b: torch.Tensor, kernels: int = 5, mul: float = 2.0) -> torch.Tensor:
+    x = torch.cat([a, b]).float()
+    d = torch.cdist(x, x) ** 2
+    bw = d.detach().sum() / (x.shape[0] ** 2 - x.shape[0]) / (mul ** (kernels // 2))
+    k = sum(torch.exp(-d / (bw * mul**i + 1e-12)) for i in range(kernels))
+    n = a.shape[0]
+    return k[:n, :n].mean() + k[n:, n:].mean() - k[:n, n:].mean() - k[n:, :n].mean()
+
+
+def project_topk(values: dict[str, torch.Tensor], sparsity: float, floor: float) -> dict[str, torch.Tensor]:
+    """Keep-mask with exactly round((1 − s)·N) entries: global magnitude top-k, each layer keeping at least
+    max(1, floor·n_l) of its own largest entries (decision 2)."""
+    names = list(values)
+    total = sum(v.numel() for v in values.values())
+    k_total = max(len(names), int(round((1 - sparsity) * total)))
+    keep = {n: torch.zeros_like(v, dtype=torch.bool) for n, v in values.items()}
+    reserved = 0
+    for n, v in values.items():  # per-layer floor first
+        kf = max(1, int(math.ceil(floor * v.numel())))
+        idx = v.abs().flatten().topk(min(kf, v.numel())).indices
+        keep[n].view(-1)[idx] = True
+        reserved += len(idx)
+    rest = max(0, k_total - reserved)
+    if rest:
+        flat = torch.cat([torch.where(keep[n].flatten(), torch.full_like(values[n].flatten(), -1.0),
+                                      values[n].abs().flatten()) for n in names])
+        idx = flat.topk(rest).indices
+        offsets = np.cumsum([0] + [values[n].numel() for n in names])
+        for i, n in enumerate(names):
+            sel = idx[(idx >= offsets[i]) & (idx < offsets[i + 1])] - int(offsets[i])
+            keep[n].view(-1)[sel] = True
+    return keep
+
+
+def scheduled_sparsity(cfg: NtpConfig, iteration: int) -> float:
+    """Cubic ramp (Zhu & Gupta): from 0 to cfg.sparsity over the first `ramp` of the iterations."""
+    span = max(1, int(round(cfg.ramp * cfg.iterations)))
+    t = min(1.0, (iteration + 1) / span)
+    return cfg.sparsity * (1 - (1 - t) ** 3)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = 256, max_batches: int = 50) -> None:
+    """Re-estimate every BN layer's running statistics on `data` (cumulative average), then eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    perm = torch.randperm(len(data), generator=g)
+    for i, start in enumerate(range(0, len(data), batch_size)):
+        if i >= max_batches:
+            break
+        idx = perm[start : start + batch_size].to(data.x.device)
+        model(normalize(data.x[idx]))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def _fraction(d, frac: float, seed: int, device) -> TensorData:
+    n = max(1, int(round(frac * len(d.train_y))))
+    idx = np.sort(np.random.default_rng(seed).permutation(len(d.train_y))[:n])
+    return TensorData.from_numpy(d.train_x[idx], d.train_y[idx], device)
+
+
+def _save_state(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.PathLike,
+                cfg: NtpConfig | None = None, data_root: str | None = None, resume: bool = False,
+                stop_after: int | None = None) -> dict:
+    """Run NTP and write the protected artifact. `stop_after` ends after that many ADMM iterations (tests)."""
+    cfg = cfg or NtpConfig()
+    cfg.validate()
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise EdgeguardError(f"--out {out}: the model file must end in .safetensors")
+    if not target:
+        raise EdgeguardError("NTP needs --target DOMAIN (labelled target data for the non-transferable loss)")
+    dev = resolve_device(cfg.device)
+    art = load_artifact(source_model, dev)
+    src_name = art.meta["source_domain"]
+    src_dom, tgt_dom = get_domain(src_name, data_root), get_domain(target, data_root)
+    if tgt_dom.num_classes != art.meta["num_classes"]:
+        raise EdgeguardError(f"target {target} has {tgt_dom.num_classes} classes, the model {art.meta['num_classes']}")
+    src = _fraction(src_dom, cfg.source_fraction, cfg.seed, dev)
+    tgt = _fraction(tgt_dom, cfg.target_fraction, cfg.seed + 1, dev)
+    src_test = TensorData.from_numpy(src_dom.test_x, src_dom.test_y, dev)
+    tgt_test = TensorData.from_numpy(tgt_dom.test_x, tgt_dom.test_y, dev)
+    model = art.model
+    before = {"source_before": evaluate(model, src_test), f"target_before:{target}": evaluate(model, tgt_test)}
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    # h_t: a copy of the head trained on target data with the encoder frozen.
+    h_t_model = copy.deepcopy(model)
+    for p in h_t_model.encoder.parameters():
+        p.requires_grad_(False)
+    train_classifier(h_t_model, tgt, TrainConfig(epochs=cfg.head_epochs, lr=1e-3, weight_decay=8e-4,
+                                                 batch_size=cfg.batch_size, scheduler="none", seed=cfg.seed,
+                                                 device=str(dev)),
+                     params=h_t_model.head.parameters(), train_modules={"head": h_t_model.head}, desc="NTP h_t")
+    h_t = h_t_model.head.eval()
+    h_s = model.head.eval()
+    for p in list(h_t.parameters()) + list(h_s.parameters()):
+        p.requires_grad_(False)
+
+    names = prunable_names(model, "encoder")
+    params = dict(model.named_parameters())
+    W = {n: params[n] for n in names}
+    Z = {n: W[n].detach().clone() for n in names}
+    U = {n: torch.zeros_like(W[n]) for n in names}
+    M = {n: torch.ones_like(W[n], dtype=torch.bool) for n in names}
+    history: list[dict] = []
+    start_it = 0
+    ckpt = out.with_name(out.name + ".ckpt")
+    if resume and ckpt.exists():
+        st = torch.load(ckpt, map_location=dev, weights_only=True)
+        if st.get("config") != json.dumps(asdict(cfg), sort_keys=True):
+            raise EdgeguardError(f"{ckpt}: written with other NTP settings; delete it or run without --resume")
+        model.load_state_dict(st["model"])
+        h_t.load_state_dict(st["h_t"])
+        for n in names:
+            Z[n].copy_(st[f"Z.{n}"])
+            U[n].copy_(st[f"U.{n}"])
+            M[n].copy_(st[f"M.{n}"])
+        start_it, history = int(st["iteration"]), json.loads(st["history"])
+
+    steps = max(1, min(len(src), len(tgt)) // cfg.batch_size) if min(len(src), len(tgt)) >= cfg.batch_size else 1
+    enc_params = [p for p in model.encoder.parameters()]
+
+    def batches(epoch, gen):
+        for s, t in zip(iterate_batches(src, cfg.batch_size, gen), iterate_batches(tgt, cfg.batch_size, gen)):
+            n = min(len(s), len(t))
+            yield TensorData(s.x[:n], s.y[:n]), TensorData(t.x[:n], t.y[:n]), gen
+
+    def step(item):
+        s, t, gen = item
+        xs, xt = augment(normalize(s.x), gen, 2), augment(normalize(t.x), gen, 2)
+        fs_map, ft_map = model.encoder(xs), model.encoder(xt)  # separate passes: per-domain BN batch stats
+        ce_s = F.cross_entropy(h_s(fs_map).float(), s.y)
+        ce_t = F.cross_entropy(h_t(ft_map).float(), t.y)
+        fs = torch.flatten(F.adaptive_avg_pool2d(fs_map, 1), 1)
+        ft = torch.flatten(F.adaptive_avg_pool2d(ft_map, 1), 1)
+        if cfg.loss == "fisher":
+            reg = fisher_ratio(ft, t.y)
+            loss = ce_s - cfg.alpha * torch.clamp(ce_t, max=cfg.clip) + cfg.lam * reg
+        else:
+            reg = gaussian_mmd(fs, ft)
+            loss = ce_s - cfg.alpha * torch.clamp(ce_t, max=3.0) * torch.clamp(reg, max=1.0)
+        admm = sum(((W[n] - Z[n] + U[n]) ** 2).sum() for n in names) * (cfg.rho / 2)
+        return loss + admm, {"ce_s": float(ce_s.detach()), "ce_t": float(ce_t.detach()), "reg": float(reg.detach()),
+                             "admm": float(admm.detach())}
+
+    def zero_masked():
+        with torch.no_grad():
+            for n in names:
+                W[n].mul_(M[n])
+
+    def mask_grads():
+        for n in names:
+            if W[n].grad is not None:
+                W[n].grad.mul_(M[n])
+
+    bar = progress(range(start_it, cfg.iterations), desc="NTP ADMM", total=cfg.iterations - start_it)
+    for it in bar:
+        model.encoder.train()
+        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           scheduler="none", seed=cfg.seed * 1000 + it, device=str(dev), augment_shift=0)
+        state = run_loop({"encoder": model.encoder}, enc_params, tcfg, batches, step, before_step=mask_grads,
+                         after_step=zero_masked, desc=f"NTP W-step {it + 1}", steps_per_epoch=steps)
+        s_k = scheduled_sparsity(cfg, it)
+        with torch.no_grad():
+            keep = project_topk({n: (W[n] + U[n]) * M[n] for n in names}, s_k, cfg.layer_floor)
+            for n in names:
+                M[n] &= keep[n]
+                Z[n] = (W[n] + U[n]) * M[n]
+                U[n] = U[n] + W[n] - Z[n]
+        kept = sum(int(M[n].sum()) for n in names)
+        total = sum(M[n].numel() for n in names)
+        row = {"iteration": it + 1, "sparsity": 1 - kept / total, "target_sparsity": s_k, **state.history[-1]}
+        history.append(row)
+        payload = {"model": model.state_dict(), "h_t": h_t.state_dict(), "iteration": torch.tensor(it + 1),
+                   "history": json.dumps(history), "config": json.dumps(asdict(cfg), sort_keys=True)}
+        for n in names:
+            payload[f"Z.{n}"], payload[f"U.{n}"], payload[f"M.{n}"] = Z[n], U[n], M[n]
+        _save_state(ckpt, payload)
+        if stop_after is not None and it + 1 >= stop_after:
+            return {"stopped_at": it + 1}
+
+    mask = MaskSet({n: M[n].detach().cpu().clone() for n in names})
+    mask.to(dev).bake_(model)
+    recalibrate_bn(model, src)
+    admm_seconds = time.perf_counter() - t0
+    if cfg.recovery_epochs:
+        train_classifier(model, src, TrainConfig(epochs=cfg.recovery_epochs, lr=1e-4, weight_decay=8e-4,
+                                                 batch_size=cfg.batch_size, scheduler="none", seed=cfg.seed,
+                                                 device=str(dev)),
+                         mask=mask, desc="NTP recovery")
+        recalibrate_bn(model, src)
+    seconds = time.perf_counter() - t0
+    accs = {**before, "source_after": evaluate(model, src_test), f"target_after:{target}": evaluate(model, tgt_test)}
+    summary = {"sparsity": mask.sparsity(), "seconds": round(seconds, 2), "admm_seconds": round(admm_seconds, 2),
+               **accs}
+    meta = build_meta(model, arch=art.meta["arch"], classes=art.meta["classes"], source_domain=src_name,
+                      method="ntp", method_config=asdict(cfg), arch_args=art.meta.get("arch_args"),
+                      target_domains=[target], accuracies=accs,
+                      extra={"protection": {"history": history, "seconds": round(seconds, 2),
+                                            "source_model_sha256": _sha(source_model)}})
+    save_artifact(out, model.cpu(), meta, mask)
+    atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(asdict(cfg), indent=2))
+    ckpt.unlink(missing_ok=True)
+    return summary
+
+
+def _sha(path) -> str:
+    from runtime.fileio import sha256_file
+
+    return sha256_file(path)

@@ -1,0 +1,31 @@
+"""Inference backends behind one small interface: `run(x: float32 NCHW) -> logits`.
+
+`get_backend("auto"|"onnxruntime"|"tensorrt", ...)` picks one; TensorRT is optional and checked lazily.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..manifest import BundleError
+from .base import Backend
+
+
+def get_backend(name: str, model_path: Path, engine_path: Path | None = None, providers: list[str] | None = None,
+                input_name: str = "input", output_name: str = "logits") -> Backend:
+    from . import onnxruntime_backend, tensorrt_backend
+
+    if name not in ("auto", "onnxruntime", "tensorrt"):
+        raise BundleError(f"--backend must be auto, onnxruntime or tensorrt, got {name!r}")
+    if name == "tensorrt" or (name == "auto" and engine_path is not None):
+        if not tensorrt_backend.is_available():
+            if name == "tensorrt":
+                raise BundleError("--backend tensorrt: TensorRT (the tensorrt Python package and a CUDA GPU) is not "
+                                  "available on this machine; use --backend onnxruntime")
+        else:
+            if engine_path is None:
+                raise BundleError("--backend tensorrt needs --engine FILE (build it with the bundle's build_engine.sh)")
+            return tensorrt_backend.TensorRTBackend(engine_path, input_name, output_name)
+    return onnxruntime_backend.OnnxRuntimeBackend(model_path, providers, input_name, output_name)
+
+
+__all__ = ["Backend", "get_backend"]

@@ -1,0 +1,43 @@
+"""ONNX Runtime: CPU everywhere; CUDA and TensorRT execution providers when the installed build has them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import BundleError
+
+PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, providers: list[str] | None = None, input_name: str = "input",
+                 output_name: str = "logits"):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = providers or [p for p in PREFERRED if p in available]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise BundleError(f"ONNX Runtime provider {missing[0]} is not available here (available: "
+                              f"{', '.join(available)})")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
+        self.input_name = self.session.get_inputs()[0].name if input_name not in \
+            [i.name for i in self.session.get_inputs()] else input_name
+        self.output_name = output_name
+        self.providers = self.session.get_providers()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": self.name, "version": ort.__version__, "providers": self.providers}

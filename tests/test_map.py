@@ -1,0 +1,77 @@
+"""MAP on real data with small_cnn (MNIST → USPS)."""
+import numpy as np
+import pytest
+import torch
+
+from edgeguard.artifact import load_artifact
+from edgeguard.masks import is_n_m
+from edgeguard.methods.map import MapConfig, protect_map
+from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize_bn_inversion
+
+
+@pytest.fixture(scope="module")
+def map_sa(mnist_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("map") / "map.safetensors"
+    summary = protect_map(mnist_model, "usps", out, MapConfig(epochs=3, max_source=6000, device="cpu"))
+    return out, summary
+
+
+def test_source_available_map_protects(map_sa):
+    out, s = map_sa
+    assert s["source_before"] - s["source_after"] <= 0.01
+    assert s["target_after:usps"] <= 0.20
+    assert s["target_before:usps"] > 0.3  # there was something to protect
+
+
+def test_kept_weights_are_bit_identical(map_sa, mnist_model):
+    out, _ = map_sa
+    src = load_artifact(mnist_model).model.state_dict()
+    prot = load_artifact(out)
+    state = prot.model.state_dict()
+    for name, keep in prot.mask.masks.items():
+        assert torch.equal(state[name][keep], src[name][keep]), name
+        assert torch.all(state[name][~keep] == 0)
+    for name in state:  # everything that is not masked (BN, biases) is untouched
+        if name not in prot.mask.masks:
+            assert torch.equal(state[name], src[name]), name
+    assert prot.meta["method"] == "map" and prot.meta["method_config"]["setting"] == "source-available"
+
+
+def test_two_four_structure(mnist_model, tmp_path):
+    out = tmp_path / "m24.safetensors"
+    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, structure="2:4", max_source=2000, max_target=1000,
+                                                     device="cpu"))
+    art = load_artifact(out)
+    for name, m in art.mask.masks.items():
+        assert is_n_m(m, 2, 4), name
+    assert art.mask.sparsity() >= 0.45
+
+
+def test_sparsity_cap(mnist_model, tmp_path):
+    out = tmp_path / "cap.safetensors"
+    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, sparsity=0.02, max_source=2000, max_target=1000,
+                                                     device="cpu"))
+    assert load_artifact(out).mask.sparsity() <= 0.02 + 1e-6
+
+
+def test_synthesis_moves_bn_statistics_toward_stored(mnist_model):
+    model = load_artifact(mnist_model).model
+    torch.manual_seed(0)
+    noise = torch.randn(64, 3, 32, 32) * 0.5
+    start = bn_distance(model, noise)
+    hist = []
+    x, y = synthesize_bn_inversion(model, 10, SynthesisConfig(n=64, batch_size=64, iterations=60), "cpu", hist)
+    assert x.dtype == np.uint8 and x.shape == (64, 3, 32, 32)
+    from edgeguard.training import normalize
+
+    end = bn_distance(model, normalize(torch.from_numpy(x)))
+    assert end < 0.5 * start
+    assert hist[-1]["bn_distance"] < hist[0]["bn_distance"]
+
+
+def test_model_without_bn_is_refused(tmp_path):
+    from edgeguard.errors import EdgeguardError
+
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(EdgeguardError, match="no BatchNorm"):
+        synthesize_bn_inversion(lin, 10, SynthesisConfig(n=4, batch_size=4, iterations=1), "cpu")
