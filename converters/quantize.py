@@ -3,6 +3,9 @@ on authorised-domain samples. Works for TensorRT 10 and 11 alike (Q/DQ nodes car
 
 Weights are quantised symmetrically per channel (zero point 0), so a masked 0 stays exactly 0 in int8;
 `remap_initializers` points the mask at the quantised weight tensors for the integrity check.
+The first convolution and the final classifier stay in float (the usual practice): measured on a protected
+small_cnn, quantising them too dropped top-1 agreement with fp32 from 98 % to 85 %. Only Conv/Gemm/MatMul
+are quantised (pooling stays float: +0.3 point of agreement on the dense MNIST small_cnn).
 """
 from __future__ import annotations
 
@@ -36,7 +39,14 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, input
         src = pre
     except Exception:
         src = fp32_path
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    fcs = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    exclude = convs[:1] + fcs[-1:]
     quantize_static(str(src), str(out_path), _Reader(calibration.astype(np.float32), input_name),
+                    nodes_to_exclude=exclude, op_types_to_quantize=["Conv", "Gemm", "MatMul"],
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     per_channel=True, calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})

@@ -1,0 +1,60 @@
+"""Runtime units: the manifest loader (fuzzed), its JSON Schema, the TensorRT build settings."""
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.manifest import BundleError, json_schema, parse_manifest
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                 st.dictionaries(st.sampled_from(["schema_version", "model", "mask", "input", "classes", "target",
+                                                  "authorised", "created", "producer", "method"]),
+                                 json_values).map(lambda d: json.dumps({**d, "schema_version": 1}).encode())))
+def test_manifest_loader_never_crashes(data):
+    try:
+        parse_manifest(data)
+    except BundleError:
+        pass
+
+
+def test_schema_file_is_generated_from_the_dataclasses():
+    committed = json.loads((Path(__file__).resolve().parents[1] / "runtime" / "manifest.schema.json").read_text())
+    assert committed == json_schema()
+
+
+def test_missing_field_is_named():
+    with pytest.raises(BundleError, match="manifest field model: missing"):
+        parse_manifest(json.dumps({"schema_version": 1, "created": "", "producer": "", "method": "", "classes": [],
+                                   "input": {"shape": [3, 32, 32]}}))
+    with pytest.raises(BundleError, match="input.shape\\[0\\]: expected an integer"):
+        parse_manifest(json.dumps({"schema_version": 1, "input": {"shape": ["a"]}, "created": "", "producer": "",
+                                   "method": "", "classes": []}))
+
+
+def test_tensorrt_settings_by_generation():
+    from converters.tensorrt_build import builder_settings, trtexec_command
+
+    s10 = builder_settings("10.3.0", "fp16", sparse_24=False, workspace_mb=512)
+    assert s10["flags"] == ["FP16"] and not s10["strongly_typed"] and s10["workspace_bytes"] == 512 << 20
+    s11 = builder_settings("11.0.1", "int8", sparse_24=True, workspace_mb=512)
+    assert s11["strongly_typed"] and s11["flags"] == ["SPARSE_WEIGHTS"]
+    assert "--sparsity=enable" in trtexec_command("m.onnx", "m.engine", "fp16", True, 256)
+    assert "force" not in trtexec_command("m.onnx", "m.engine", "fp16", True, 256)
+    assert "--stronglyTyped" in trtexec_command("m.onnx", "m.engine", "int8", False, 256, strongly_typed=True)
+
+
+def test_tensorrt_build_says_unavailable(tmp_path):
+    from converters.tensorrt_build import TensorRTUnavailable, build_engine, is_available
+
+    if is_available():
+        pytest.skip("TensorRT present")
+    with pytest.raises(TensorRTUnavailable, match="not available"):
+        build_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
