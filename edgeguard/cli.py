@@ -282,13 +282,16 @@ def models() -> None:
 @main.command()
 @click.option("--out", default="edgeguard-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's models and report.")
-@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True, help="Source training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Source training epochs.")
+@click.option("--method", type=click.Choice(["map", "ntp"]), default="map", show_default=True)
 @device_option
-def demo(out, epochs, device) -> None:
+def demo(out, epochs, method, device) -> None:
     """Run the whole chain on the embedded digit sample (CPU, a few minutes)."""
     from .demo import run_demo
 
-    run_demo(Path(out), epochs=epochs, device=device, echo=click.echo)
+    r = run_demo(Path(out), epochs=epochs, method=method, device=device, echo=click.echo)
+    if r["validate_exit_code"]:
+        sys.exit(r["validate_exit_code"])
 
 
 if __name__ == "__main__":
