@@ -39,9 +39,9 @@ def _env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mnist_model(tmp_path_factory, data_root):
-    """small_cnn trained briefly on real MNIST (12k images, 2 epochs): a source model for the method tests."""
+    """small_cnn trained on real MNIST with `edgeguard train`'s defaults: the source model for the method tests."""
     from edgeguard.source import train_source
 
     out = tmp_path_factory.mktemp("models") / "mnist_small.safetensors"
-    train_source("small_cnn", "mnist", out, epochs=2, max_train=12000, device="cpu", lr=2e-3)
+    train_source("small_cnn", "mnist", out, device="cpu")
     return out

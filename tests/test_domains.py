@@ -4,8 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from edgeguard.domains import get_domain
-from edgeguard.domains import formats
+from edgeguard.domains import formats, get_domain
 from edgeguard.errors import EdgeguardError
 
 

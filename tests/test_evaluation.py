@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeguard.artifact import build_meta, load_artifact, save_artifact
+from edgeguard.artifact import load_artifact, save_artifact
 from edgeguard.evaluation.attack import AttackRecipe, parse_attack, stratified_subset
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import curve_auc, slc_auc

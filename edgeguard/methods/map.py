@@ -44,7 +44,16 @@ from ..devices import resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
 from ..masks import MaskSet, apply_n_m, prunable_names
-from ..training import TensorData, TrainConfig, augment, evaluate, iterate_batches, normalize, run_loop
+from ..training import (
+    TensorData,
+    TrainConfig,
+    augment,
+    evaluate,
+    iterate_batches,
+    normalize,
+    predict_logits,
+    run_loop,
+)
 from .synthesis import SynthesisConfig, cached_pseudo_source, neighbour_domains
 
 log = logging.getLogger(__name__)
@@ -58,7 +67,7 @@ class MapConfig:
     sparsity: float | None = None  # cap: at most this fraction pruned
     budget: str = "global"  # global | layer (how the cap is applied)
     structure: str | None = None  # None or "2:4"
-    epochs: int = 8
+    epochs: int = 12
     batch_size: int = 128
     source_batch_ratio: int = 1  # source images per target image in each step (a steadier source gradient)
     lr: float = 0.01
@@ -66,6 +75,8 @@ class MapConfig:
     temperature: float = 2.0
     src_kl: float = 1.0
     src_ce: float = 1.0  # only where source labels exist
+    src_feat: float = 0.0  # MSE between masked and frozen pooled encoder features on source images
+    select_source_weight: float = 10.0  # mask selection: 10·(1 − source agreement) + target agreement
     tgt_uniform: float = 0.0  # measured: alone it flattens target outputs but keeps their ranking
     tgt_away: float = 1.0
     clip: float = 3.0
@@ -152,9 +163,10 @@ def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, 
     logp_t = F.log_softmax(student_t, 1)
     k = student_t.shape[1]
     kl_u = (-logp_t.mean(1) - math.log(k)).mean()  # KL(U ‖ p) ≥ 0
-    kl_away = F.kl_div(logp_t, F.softmax(teacher_t, 1), reduction="batchmean")
-    loss = loss + cfg.tgt_uniform * kl_u - cfg.tgt_away * torch.clamp(kl_away, max=cfg.clip)
-    metrics.update(tgt_kl_uniform=float(kl_u.detach()), tgt_kl_away=float(kl_away.detach()))
+    p_teach = F.softmax(teacher_t, 1)
+    kl_away = (p_teach * (torch.log(p_teach + 1e-12) - logp_t)).sum(1)  # per sample, clipped per sample:
+    loss = loss + cfg.tgt_uniform * kl_u - cfg.tgt_away * torch.clamp(kl_away, max=cfg.clip).mean()
+    metrics.update(tgt_kl_uniform=float(kl_u.detach()), tgt_kl_away=float(kl_away.mean().detach()))
     return loss, metrics
 
 
@@ -169,6 +181,20 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     names = prunable_names(model, cfg.layers)
     scores = MaskScores(model, names, cfg).to(dev)
     source, target = source.to(dev), target.to(dev)
+    # Mask selection: a held-out slice of the defender's source (or pseudo-source) images and a slice of the
+    # (unlabelled) target images. Each epoch's hard mask is scored by how often it agrees with the frozen
+    # model there; the best epoch's mask is kept (the hard mask flips often, the last one is not the best).
+    g = np.random.default_rng(cfg.seed + 17)
+    n_hold = min(1000, max(1, len(source) // 10))
+    perm = g.permutation(len(source))
+    held_src, source = source.take(perm[:n_hold]), source.take(perm[n_hold:]) if len(source) > n_hold else source
+    held_tgt = target.take(g.permutation(len(target))[:1000])
+    with torch.no_grad():
+        frozen_src = predict_logits(model, held_src.x).argmax(1)
+        frozen_tgt = predict_logits(model, held_tgt.x).argmax(1)
+    for i, k in enumerate(scores.keep()):  # the best mask so far, checkpointed with the scores
+        scores.register_buffer(f"best_{i}", k.clone())
+    scores.register_buffer("best_score", torch.tensor(float("inf"), device=dev))
     steps = math.ceil(len(target) / cfg.batch_size)  # an epoch is one pass over the target set
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
                        scheduler="none", seed=cfg.seed, device=str(dev), augment_shift=0)
@@ -195,20 +221,44 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         xs = augment(normalize(s.x), gen, 1)
         xt = augment(normalize(t.x), gen, 1)
         x = torch.cat([xs, xt])  # BN is in eval mode, so one pass over both domains is exact
-        with torch.no_grad():
-            teach = model(x).float()
-        stud = masked_forward(model, scores, x).float()
+        feats: list[torch.Tensor] = []
+        hook = model.encoder.register_forward_hook(lambda m, i, o: feats.append(o.mean(dim=(2, 3)).float()))
+        try:
+            with torch.no_grad():
+                teach = model(x).float()
+            stud = masked_forward(model, scores, x).float()
+        finally:
+            hook.remove()
         n = len(xs)
         loss, metrics = map_losses(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
+        if cfg.src_feat:
+            feat = F.mse_loss(feats[1][:n], feats[0][:n])
+            loss = loss + cfg.src_feat * feat
+            metrics["src_feat"] = float(feat.detach())
+
         return loss, metrics
+
+    def agreement(data: TensorData, reference: torch.Tensor) -> float:
+        with torch.no_grad():
+            preds = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512])).argmax(1)
+                               for i in range(0, len(data), 512)])
+        return float((preds == reference).float().mean())
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         ms = scores.maskset()
-        return {"sparsity": ms.sparsity()}
+        src_agree, tgt_agree = agreement(held_src, frozen_src), agreement(held_tgt, frozen_tgt)
+        score = cfg.select_source_weight * (1 - src_agree) + tgt_agree
+        if score < float(scores.best_score):
+            scores.best_score.fill_(score)
+            for i, k in enumerate(scores.keep()):
+                getattr(scores, f"best_{i}").copy_(k)
+        return {"sparsity": ms.sparsity(), "heldout_source_agreement": src_agree,
+                "target_agreement": tgt_agree, "selection_score": score}
 
     state = run_loop({"scores": scores}, scores.parameters(), tcfg, batches, step, end_of_epoch=end_of_epoch,
                      checkpoint=checkpoint, resume=resume, desc=f"MAP {cfg.setting}", steps_per_epoch=steps)
-    return scores.maskset(), state.history
+    best = MaskSet({n: getattr(scores, f"best_{i}").cpu().clone() for i, n in enumerate(names)})
+    return best, state.history
 
 
 def _cap(d: TensorData, n: int | None, seed: int) -> TensorData:

@@ -28,6 +28,11 @@ Decisions on the ambiguities of shared/methods/ntp.md §8, and why:
 7. Defender data: labelled source and target fractions (default 0.1 each, as the reference).
 8. The NTL-style ablation (`loss="mmd"`): L = CE_s − α·min(CE_t, 3)·min(MMD(f_s, f_t), 1), Gaussian MMD with
    5 kernels (multiplier 2) on pooled features.
+9. Recovery: masked epochs on source data (encoder + h_s, lr 1e-3), plus the same clipped −α·CE_t term on
+   target data (`recovery_alpha`, 0.03): measured on MNIST→USPS, recovery on source alone brought the target
+   accuracy back from ~28 % to ~35 %; α_rec 0.1 cost
+   the source 2 more points, 0.03 kept it within 1.2 (small_cnn, 6 ADMM iterations).
+
 """
 from __future__ import annotations
 
@@ -48,13 +53,21 @@ from torch import nn
 from runtime.fileio import atomic_path, atomic_write_text
 
 from ..artifact import build_meta, load_artifact, save_artifact
-from ..devices import autocast, resolve_device
+from ..devices import resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
 from ..masks import MaskSet, prunable_names
 from ..progress import progress
-from ..training import TensorData, TrainConfig, augment, evaluate, iterate_batches, normalize, run_loop, \
-    train_classifier
+from ..training import (
+    TensorData,
+    TrainConfig,
+    augment,
+    evaluate,
+    iterate_batches,
+    normalize,
+    run_loop,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +90,8 @@ class NtpConfig:
     target_fraction: float = 0.1
     head_epochs: int = 5
     recovery_epochs: int = 2
+    recovery_lr: float = 1e-3
+    recovery_alpha: float = 0.03
     loss: str = "fisher"  # fisher | mmd
     seed: int = 0
     device: str = "auto"
@@ -317,10 +332,35 @@ def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.Path
     recalibrate_bn(model, src)
     admm_seconds = time.perf_counter() - t0
     if cfg.recovery_epochs:
-        train_classifier(model, src, TrainConfig(epochs=cfg.recovery_epochs, lr=1e-4, weight_decay=8e-4,
-                                                 batch_size=cfg.batch_size, scheduler="none", seed=cfg.seed,
-                                                 device=str(dev)),
-                         mask=mask, desc="NTP recovery")
+        # Masked recovery: encoder + h_s on source data, and (our choice, decision 9) the same clipped
+        # −α·CE_t term on target data, so that recovering the source does not recover the target too.
+        mask_dev = mask.to(dev)
+
+        def rec_step(item):
+            s, t, gen = item
+            xs, xt = augment(normalize(s.x), gen, 2), augment(normalize(t.x), gen, 2)
+            ce_s = F.cross_entropy(model(xs).float(), s.y)
+            ce_t = F.cross_entropy(h_t(model.encoder(xt)).float(), t.y)
+            loss = ce_s - cfg.recovery_alpha * torch.clamp(ce_t, max=cfg.clip)
+            return loss, {"ce_s": float(ce_s.detach()), "ce_t": float(ce_t.detach())}
+
+        rcfg = TrainConfig(epochs=cfg.recovery_epochs, lr=cfg.recovery_lr, weight_decay=8e-4, scheduler="none",
+                           batch_size=cfg.batch_size, seed=cfg.seed + 99, device=str(dev), augment_shift=0)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.head.train()
+        def rec_batches(epoch, gen):  # every source batch once; target batches cycle alongside
+            tgt_it = iterate_batches(tgt, cfg.batch_size, gen)
+            for s in iterate_batches(src, cfg.batch_size, gen):
+                t = next(tgt_it, None)
+                if t is None:
+                    tgt_it = iterate_batches(tgt, cfg.batch_size, gen)
+                    t = next(tgt_it)
+                yield s, t, gen
+
+        run_loop({"model": model}, model.parameters(), rcfg, rec_batches, rec_step,
+                 before_step=lambda: mask_dev.mask_grads_(model), after_step=lambda: mask_dev.zero_masked_(model),
+                 desc="NTP recovery", steps_per_epoch=math.ceil(len(src) / cfg.batch_size))
         recalibrate_bn(model, src)
     seconds = time.perf_counter() - t0
     accs = {**before, "source_after": evaluate(model, src_test), f"target_after:{target}": evaluate(model, tgt_test)}

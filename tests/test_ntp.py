@@ -1,0 +1,68 @@
+"""NTP on real data with small_cnn (MNIST → USPS)."""
+import json
+
+import pytest
+import torch
+
+from edgeguard.artifact import load_artifact
+from edgeguard.methods.ntp import NtpConfig, fisher_ratio, project_topk, protect_ntp
+
+FAST = dict(iterations=6, epochs=1, source_fraction=0.1, target_fraction=0.2, head_epochs=2, recovery_epochs=3,
+            recovery_lr=1e-3,
+            device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ntp_model(mnist_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ntp") / "ntp.safetensors"
+    summary = protect_ntp(mnist_model, "usps", out, NtpConfig(sparsity=0.8, **FAST))
+    return out, summary
+
+
+def test_sparsity_is_exact_and_masked_weights_zero(ntp_model):
+    out, s = ntp_model
+    art = load_artifact(out)  # loading verifies every masked weight is 0
+    assert abs(art.mask.sparsity() - 0.8) <= 0.001
+    state = art.model.state_dict()
+    for name, keep in art.mask.masks.items():
+        assert name.startswith("encoder.")
+        assert torch.all(state[name][~keep] == 0)
+        assert keep.any(), f"layer {name} pruned away"
+
+
+def test_source_kept_target_lost(ntp_model):
+    _, s = ntp_model
+    assert s["source_before"] - s["source_after"] <= 0.02
+    assert s["target_after:usps"] <= 0.30
+
+
+def test_resume_reaches_the_same_state(mnist_model, tmp_path):
+    cfg = NtpConfig(sparsity=0.5, **{**FAST, "iterations": 4, "recovery_epochs": 0, "head_epochs": 1})
+    a = tmp_path / "a.safetensors"
+    protect_ntp(mnist_model, "usps", a, cfg)
+    b = tmp_path / "b.safetensors"
+    assert protect_ntp(mnist_model, "usps", b, cfg, stop_after=2) == {"stopped_at": 2}
+    assert (tmp_path / "b.safetensors.ckpt").exists()
+    protect_ntp(mnist_model, "usps", b, cfg, resume=True)
+    sa, sb = load_artifact(a).model.state_dict(), load_artifact(b).model.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5), k
+    ha = json.loads(json.dumps(load_artifact(a).meta["protection"]["history"]))
+    assert len(ha) == 4 and len(load_artifact(b).meta["protection"]["history"]) == 4
+
+
+def test_projection_hits_sparsity_with_floor():
+    torch.manual_seed(0)
+    vals = {"a": torch.randn(100) * 10, "b": torch.randn(1000) * 0.01}
+    keep = project_topk(vals, 0.9, floor=0.02)
+    total = sum(int(k.sum()) for k in keep.values())
+    assert total == 110
+    assert int(keep["b"].sum()) >= 20  # the small-magnitude layer keeps its floor
+
+
+def test_fisher_ratio_handles_missing_classes():
+    f = torch.randn(8, 5, requires_grad=True)
+    assert fisher_ratio(f, torch.zeros(8, dtype=torch.long)).item() == 0.0  # one class: no between-class term
+    r = fisher_ratio(f, torch.tensor([0, 0, 3, 3, 3, 7, 7, 7]))
+    r.backward()
+    assert r.item() > 0 and f.grad is not None
