@@ -12,7 +12,7 @@ from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize
 @pytest.fixture(scope="module")
 def map_sa(mnist_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("map") / "map.safetensors"
-    summary = protect_map(mnist_model, "usps", out, MapConfig(max_source=10000, device="cpu"))
+    summary = protect_map(mnist_model, "usps", out, MapConfig(device="cpu"))
     return out, summary
 
 

@@ -136,7 +136,7 @@ def synthesize_bn_inversion(model: nn.Module, num_classes: int, cfg: SynthesisCo
                 with torch.no_grad():
                     x.data = torch.max(torch.min(x.data, hi), lo)
                 if history is not None and (i % 20 == 0 or i == cfg.iterations - 1):
-                    history.append({"batch": b, "iteration": i, "bn_distance": float(bn),
+                    history.append({"batch": b, "iteration": i, "bn_distance": float(bn.detach()),
                                     "loss": float(loss.detach())})
             xs.append(_to_uint8(x.detach()).cpu())
             ys.append(y.cpu())
