@@ -85,6 +85,11 @@ def _is_24(masks: dict[str, np.ndarray]) -> bool:
     return bool(masks)
 
 
+def _sparsity(masks: dict[str, np.ndarray]) -> float:
+    total = sum(m.size for m in masks.values())
+    return 1 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
+
+
 def _npz_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, x=x.astype(np.uint8), y=y.astype(np.int64))
@@ -199,8 +204,7 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
         input=InputSpec(shape=list(desc.input_shape), mean=list(desc.mean), std=list(desc.std), scale=desc.scale),
         model=FileEntry("model.onnx", sha256_file(model_path), model_path.stat().st_size),
         mask=MaskSpec(file="mask.bits", sha256=mask_sha, layout=[[n, list(s)] for n, s in layout],
-                      initializers=mapping, sparsity=1 - sum(int(m.sum()) for m in masks.values())
-                      / max(1, sum(m.size for m in masks.values()))),
+                      initializers=mapping, sparsity=_sparsity(masks)),
         authorised=checks[0], unauthorised=checks[1:],
         target=TargetProfile(name=prof.name, backend=prof.backend, precision=precision,
                              compute_capability=prof.compute_capability, tensorrt_version=prof.tensorrt_version,
