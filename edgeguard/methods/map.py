@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from runtime.fileio import atomic_write_text
+from runtime.fileio import atomic_write_text, sha256_file
 
 from ..artifact import build_meta, load_artifact, save_artifact
 from ..devices import resolve_device
@@ -321,17 +321,12 @@ def protect_map(source_model: str | os.PathLike, target: str | None, out: str | 
                       method="map", method_config=method_cfg, arch_args=art.meta.get("arch_args"),
                       target_domains=[target] if target else [], accuracies=accs,
                       extra={"protection": {"history": history, "seconds": round(seconds, 2), **synth_history,
-                                            "source_model_sha256": _sha(source_model)}})
+                                            "source_model_sha256": sha256_file(source_model)}})
     save_artifact(out, protected.cpu(), meta, mask)
     atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(method_cfg, indent=2, default=str))
     ckpt.unlink(missing_ok=True)
     return summary
 
-
-def _sha(path) -> str:
-    from runtime.fileio import sha256_file
-
-    return sha256_file(path)
 
 
 def _before_after(model: nn.Module, mask: MaskSet, src_name: str, target: str | None, data_root, dev) -> dict:

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.fileio import atomic_path, atomic_write_text
+from runtime.fileio import atomic_path, atomic_write_text, sha256_file
 
 from ..artifact import build_meta, load_artifact, save_artifact
 from ..devices import resolve_device
@@ -370,14 +370,9 @@ def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.Path
                       method="ntp", method_config=asdict(cfg), arch_args=art.meta.get("arch_args"),
                       target_domains=[target], accuracies=accs,
                       extra={"protection": {"history": history, "seconds": round(seconds, 2),
-                                            "source_model_sha256": _sha(source_model)}})
+                                            "source_model_sha256": sha256_file(source_model)}})
     save_artifact(out, model.cpu(), meta, mask)
     atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(asdict(cfg), indent=2))
     ckpt.unlink(missing_ok=True)
     return summary
 
-
-def _sha(path) -> str:
-    from runtime.fileio import sha256_file
-
-    return sha256_file(path)
