@@ -105,6 +105,15 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
 
+_SCALARS = {  # type → (accepts, what the error says is expected); bool is never a number here
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    dict: (lambda v: isinstance(v, dict), "an object"),
+}
+
+
 def _check(value, tp, where: str):
     """Validate and convert `value` against the annotation `tp`; raise BundleError naming the field."""
     origin = typing.get_origin(tp)
@@ -140,26 +149,12 @@ def _check(value, tp, where: str):
         if args:
             return {str(_check(k, args[0], where)): _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BundleError(f"manifest field {where}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BundleError(f"manifest field {where}: expected an integer, got {type(value).__name__}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise BundleError(f"manifest field {where}: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise BundleError(f"manifest field {where}: expected a string, got {type(value).__name__}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise BundleError(f"manifest field {where}: expected an object")
-        return value
+    if tp in _SCALARS:
+        ok, what = _SCALARS[tp]
+        if not ok(value):
+            got = "" if tp in (bool, dict) else f", got {type(value).__name__}"
+            raise BundleError(f"manifest field {where}: expected {what}{got}")
+        return float(value) if tp is float else value
     return value
 
 
