@@ -1,5 +1,5 @@
 """Write a deployment bundle (design §5): model.onnx, manifest.json, manifest.sig, mask.bits, validation/,
-build_engine.sh, README.txt. Written into a temporary folder and renamed into place: a failed build leaves
+build_engine.sh, README.txt, runtime/ (the device runtime's wheel). Written into a temporary folder and renamed into place: a failed build leaves
 no half bundle. The same inputs give the same model.onnx bytes and the same manifest apart from `created`.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from runtime.manifest import (
 )
 
 from . import onnx_export, quantize, signing, tensorrt_build
+from .runtime_wheel import write_wheel
 from .targets import get_target
 
 
@@ -98,7 +99,7 @@ def _npz_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
 
 def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, target: str = "onnx",
                  sign_key: str | os.PathLike | None = None, precision: str | None = None,
-                 build_local_engine: bool = True) -> dict:
+                 build_local_engine: bool = True, runtime_wheel: bool = True) -> dict:
     """Export, check, measure, sign and write the bundle; returns a summary."""
     prof = get_target(target)
     precision = precision or prof.precision
@@ -112,7 +113,7 @@ def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, targ
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o755)
     try:
-        summary = _build_into(tmp, model, desc, prof, precision, sign_key, build_local_engine)
+        summary = _build_into(tmp, model, desc, prof, precision, sign_key, build_local_engine, runtime_wheel)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -128,7 +129,8 @@ def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, targ
     return summary
 
 
-def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, sign_key, build_local_engine) -> dict:
+def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, sign_key, build_local_engine,
+                runtime_wheel: bool) -> dict:
     masks = {k: np.asarray(v, bool) for k, v in desc.masks.items()}
     bits, layout = maskbits.pack(masks)
     mask_sha = maskbits.digest(bits)
@@ -191,9 +193,13 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
         engine_info = {"file": "model.engine", "sha256": sha256_file(tmp / "model.engine"),
                        "tensorrt_version": info["tensorrt_version"], "compute_capability": None}
     (tmp / "README.txt").write_text(_readme(prof.name, precision))
+    if runtime_wheel:  # the device can install the runtime from the bundle itself, offline
+        write_wheel(tmp / "runtime")
 
     files = [FileEntry("build_engine.sh", sha256_file(tmp / "build_engine.sh"), (tmp / "build_engine.sh").stat().st_size),
              FileEntry("README.txt", sha256_file(tmp / "README.txt"), (tmp / "README.txt").stat().st_size)]
+    for whl in sorted((tmp / "runtime").glob("*.whl")):
+        files.append(FileEntry(f"runtime/{whl.name}", sha256_file(whl), whl.stat().st_size))
     for extra in files_needed:
         if extra != model_path:
             files.append(FileEntry(extra.name, sha256_file(extra), extra.stat().st_size))
@@ -232,6 +238,7 @@ manifest.sig     Ed25519 signature of manifest.json (verify with the vendor's pu
 mask.bits        the packed binary mask: every masked weight must still be 0
 validation/      authorised and unauthorised samples (.npz: x uint8 N×3×32×32, y int64)
 build_engine.sh  builds the TensorRT engine on this device (trtexec)
+runtime/         the edgeguard-runtime wheel (pure Python, no PyTorch): pip install runtime/*.whl
 
 On the device:
   sh build_engine.sh                     # only where TensorRT is installed

@@ -261,6 +261,55 @@ def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, rep
 
 
 @main.command()
+@click.argument("bundle", required=False, type=click.Path(file_okay=False))
+@click.option("--host", "hosts", multiple=True, help="user@device[:port]; repeat for several devices.")
+@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
+              help="fleet.toml: [defaults] and [[device]] tables (see examples/fleet.toml).")
+@click.option("--public-key", type=click.Path(dir_okay=False), default=None,
+              help="The vendor's public key; installed on devices that trust none yet, never replacing one.")
+@click.option("--allow-unsigned", is_flag=True, help="Deploy and validate without a signature (bench devices).")
+@click.option("--rollback", is_flag=True, help="Switch each device back to its previous bundle.")
+@click.option("--force", is_flag=True, help="Redeploy even where the bundle is already current.")
+@click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Devices at once.")
+@click.option("--identity", type=click.Path(dir_okay=False), default=None, help="SSH private key (ssh -i).")
+@click.option("--known-hosts", type=click.Path(dir_okay=False), default=None,
+              help="known_hosts file to check device keys against (default: ssh's own).")
+@click.option("--accept-new-host-key", is_flag=True,
+              help="Trust a device's key on first contact and record it (a changed key is still refused).")
+@click.option("--remote-root", default=None, help="Bundle store on the device (default ~/edgeguard).")
+@click.option("--python", "remote_python", default=None, help="Python on the device (default python3).")
+@click.option("--report-dir", type=click.Path(file_okay=False), default="deploy-reports", show_default=True,
+              help="Where each device's validation and latency reports are written.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Seconds allowed for each remote step.")
+def deploy(bundle, hosts, inventory, public_key, allow_unsigned, rollback, force, jobs, identity, known_hosts,
+           accept_new_host_key, remote_root, remote_python, report_dir, timeout) -> None:
+    """Put a bundle onto devices over SSH, validate it there, and switch `current` to it (or --rollback)."""
+    from .deploy import fleet
+    from .deploy.inventory import load_inventory, parse_host
+    from .deploy.ssh import Device
+
+    base = Device(host="", identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                  root=remote_root or "~/edgeguard", python=remote_python or "python3")
+    devices = load_inventory(inventory, base) if inventory else []
+    devices += [parse_host(h, base) for h in hosts]
+    opts = fleet.DeployOptions(force=force, public_key=public_key, allow_unsigned=allow_unsigned,
+                               report_dir=Path(report_dir), timeout=timeout)
+    if rollback:
+        if bundle:
+            raise EdgeguardError("--rollback takes no BUNDLE: it switches each device back to its previous one")
+        results = fleet.rollback(devices, opts, jobs)
+    else:
+        if not bundle:
+            raise EdgeguardError("give the BUNDLE folder to deploy (or --rollback)")
+        results = fleet.deploy(bundle, devices, opts, jobs)
+    click.echo(fleet.format_table(results))
+    click.echo(f"reports: {report_dir}/")
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--out", required=True, help="Prefix: writes PREFIX.key (private, 0600) and PREFIX.pub.")
 def keygen(out) -> None:
     """Write an Ed25519 key pair for signing bundles."""

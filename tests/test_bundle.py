@@ -7,36 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from edgeguard.artifact import load_artifact, save_artifact
 from edgeguard.build import build
-from edgeguard.masks import MaskSet
 
 RUNTIME = [sys.executable, "-m", "runtime.cli"]
-
-
-@pytest.fixture(scope="module")
-def protected(mnist_model, tmp_path_factory):
-    """The MNIST model with a 30 % magnitude mask on all but the first conv (a stand-in protected model, cheap to make)."""
-    import torch
-
-    art = load_artifact(mnist_model)
-    mask = MaskSet.ones(art.model)
-    for name, m in mask.masks.items():
-        if name == "encoder.0.weight":  # the first conv of this small net is far too sensitive to prune blindly
-            continue
-        w = dict(art.model.named_parameters())[name].detach().abs()
-        m &= w > torch.quantile(w.flatten(), 0.3)
-    path = tmp_path_factory.mktemp("prot") / "prot.safetensors"
-    save_artifact(path, art.model, {**art.meta, "method": "magnitude", "target_domains": ["usps"]}, mask)
-    return path
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    from converters.signing import generate_keypair
-
-    d = tmp_path_factory.mktemp("keys")
-    return generate_keypair(d / "vendor"), generate_keypair(d / "other")
 
 
 @pytest.fixture(scope="module")
