@@ -133,10 +133,12 @@ def domains(data_root) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Cap the target training pool.")
 @click.option("--max-test", type=click.IntRange(min=1), default=None, help="Cap the target test set.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs trained at once, one process each (they share the CPU cores or the GPU).")
 @data_root_option
 @device_option
 def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
-                 batch_size, max_train, max_test, data_root, device) -> None:
+                 batch_size, max_train, max_test, workers, data_root, device) -> None:
     """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
     from .evaluation.attack import parse_attack
     from .evaluation.runner import EvalConfig, evaluate_model
@@ -145,7 +147,7 @@ def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, op
     recipes = [parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
                             batch_size=batch_size) for a in attacks]
     cfg = EvalConfig(target=target, attacks=recipes, grid=parse_grid(grid), seeds=seeds, max_train=max_train,
-                     max_test=max_test, device=device, data_root=data_root)
+                     max_test=max_test, device=device, data_root=data_root, workers=workers)
     res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
     for e in res["attacks"]:
         m, s = e["slc_auc"]

@@ -108,6 +108,13 @@ def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypa
     rows = [json.loads(x) for x in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 3 protected + 3 scratch, none run twice
 
+    # the same grid in two worker processes: same runs, same numbers (up to float summation order)
+    monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_c"))
+    par = evaluate_model(mnist_model, _cfg(grid=(0.02, 0.05, 0.1), seeds=1, workers=2), tmp_path / "c")
+    for kind in ("protected", "scratch"):
+        assert np.allclose(par["attacks"][0][kind], full["attacks"][0][kind], atol=0.02)
+    assert len((tmp_path / "c" / "runs.jsonl").read_text().splitlines()) == 6
+
 
 def test_head_only_attack_keeps_encoder(mnist_model, data_root):
     from edgeguard.domains import get_domain

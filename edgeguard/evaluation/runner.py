@@ -36,6 +36,7 @@ class EvalConfig:
     max_test: int | None = None
     device: str = "auto"
     data_root: str | None = None
+    workers: int = 1  # runs trained at once, each in its own process (CPU threads or one GPU shared)
 
 
 def _key(d: dict) -> str:
@@ -118,33 +119,39 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
 
     log = RunLog(report_dir / "runs.jsonl")
     cache_dir = _scratch_cache()
-    t0 = time.perf_counter()
-    for kind, recipe, seed, ratio, key in progress(jobs, desc=f"evaluate → {cfg.target}"):
+    todo = []
+    for job in jobs:
+        kind, key = job[0], job[4]
         if key in log.done:
             continue
         cache_file = cache_dir / f"{key}.json"
         if kind == "scratch" and cache_file.exists():
             try:
-                row = json.loads(cache_file.read_text())
-                log.add({**row, "cached": True})
+                log.add({**json.loads(cache_file.read_text()), "cached": True})
                 continue
             except json.JSONDecodeError:
                 cache_file.unlink(missing_ok=True)
-        t = time.perf_counter()
-        if kind == "scratch":
-            start = scratch_model(art.meta["arch"], art.meta["num_classes"], seed, art.meta.get("arch_args"))
-            point = run_point(start, None, train, test, ratio, AttackRecipe(**{**recipe.key(), "train": "all",
-                                                                               "head": "kept"}),
-                              seed, dom.num_classes, str(dev))
-        else:
-            src = art if kind == "protected" else ref
-            point = run_point(src.model, src.mask, train, test, ratio, recipe, seed, dom.num_classes, str(dev))
-        row = {"key": key, "kind": kind, "attack": recipe.name if kind != "scratch" else "scratch",
-               "recipe": recipe.key(), **point, "seconds": round(time.perf_counter() - t, 3)}
-        if kind == "scratch":
+        todo.append(job)
+
+    def finished(row: dict) -> None:
+        if row["kind"] == "scratch":
             cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache_file, json.dumps(row))
+            atomic_write_text(cache_dir / f"{row['key']}.json", json.dumps(row))
         log.add(row)
+
+    t0 = time.perf_counter()
+    bar = progress(None, desc=f"evaluate → {cfg.target}", total=len(jobs))
+    bar.update(len(jobs) - len(todo))
+    try:
+        if cfg.workers <= 1 or len(todo) <= 1:
+            ctx = _Context(art, ref, train, test, dom.num_classes, str(dev))
+            for job in todo:
+                finished(_run_job(ctx, job))
+                bar.update(1)
+        else:
+            _run_parallel(model_path, unprotected, cfg, todo, finished, bar)
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
 
     results = summarise(art, ref, cfg, jobs, log, dom_name=cfg.target, test=test)
@@ -152,6 +159,75 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
     results["device"] = str(dev)
     write_report(results, report_dir)
     return results
+
+
+@dataclass
+class _Context:
+    """What every run needs: the models, the target data, the device."""
+
+    art: Artifact
+    ref: Artifact | None
+    train: TensorData
+    test: TensorData
+    num_classes: int
+    device: str
+
+
+def _run_job(ctx: _Context, job: tuple) -> dict:
+    kind, recipe, seed, ratio, key = job
+    t = time.perf_counter()
+    if kind == "scratch":
+        meta = ctx.art.meta
+        start = scratch_model(meta["arch"], meta["num_classes"], seed, meta.get("arch_args"))
+        point = run_point(start, None, ctx.train, ctx.test, ratio,
+                          AttackRecipe(**{**recipe.key(), "train": "all", "head": "kept"}), seed, ctx.num_classes,
+                          ctx.device)
+    else:
+        src = ctx.art if kind == "protected" else ctx.ref
+        point = run_point(src.model, src.mask, ctx.train, ctx.test, ratio, recipe, seed, ctx.num_classes, ctx.device)
+    return {"key": key, "kind": kind, "attack": recipe.name if kind != "scratch" else "scratch",
+            "recipe": recipe.key(), **point, "seconds": round(time.perf_counter() - t, 3)}
+
+
+_WORKER: _Context | None = None
+
+
+def _worker_init(model_path, unprotected, cfg: EvalConfig, threads: int) -> None:
+    """Each worker process loads the models and the target data once, then takes runs."""
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(threads)
+    dev = resolve_device(cfg.device)
+    dom = get_domain(cfg.target, cfg.data_root).subset(cfg.max_train, cfg.max_test)
+    _WORKER = _Context(load_artifact(model_path, dev), load_artifact(unprotected, dev) if unprotected else None,
+                       TensorData.from_numpy(dom.train_x, dom.train_y, dev),
+                       TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev))
+
+
+def _worker_run(job: tuple) -> dict:
+    return _run_job(_WORKER, job)
+
+
+def _run_parallel(model_path, unprotected, cfg: EvalConfig, todo: list, finished, bar) -> None:
+    """Independent runs in `cfg.workers` spawned processes; each result is logged as soon as it arrives."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(cfg.workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(str(model_path), str(unprotected) if unprotected else None, cfg, threads)) as pool:
+        # longest runs (largest ratios) first, so no worker is left with a big one at the end
+        futures = [pool.submit(_worker_run, job) for job in sorted(todo, key=lambda j: -j[3])]
+        try:
+            for fut in as_completed(futures):
+                finished(fut.result())
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs, log: RunLog, dom_name: str,
