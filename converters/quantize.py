@@ -5,7 +5,9 @@ Weights are quantised symmetrically per channel (zero point 0), so a masked 0 st
 `remap_initializers` points the mask at the quantised weight tensors for the integrity check.
 The first convolution and the final classifier stay in float (the usual practice): measured on a protected
 small_cnn, quantising them too dropped top-1 agreement with fp32 from 98 % to 85 %. Only Conv/Gemm/MatMul
-are quantised (pooling stays float: +0.3 point of agreement on the dense MNIST small_cnn).
+are quantised (pooling stays float: +0.3 point of agreement on the dense MNIST small_cnn). MinMax calibration:
+Percentile (99.99) and Entropy measured no better (97.5 / 99.0 % against MinMax's 99.0 % on 200 samples).
+Activations are symmetric int8 too, as TensorRT's explicit quantisation requires.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import numpy as np
 
 class _Reader:
     def __init__(self, x: np.ndarray, input_name: str, batch: int = 32):
-        self.batches = [{input_name: x[i : i + batch]} for i in range(0, len(x), batch)]
+        n = len(x) - len(x) % batch if len(x) > batch else len(x)  # equal batches: histogram calibrators need them
+        self.batches = [{input_name: x[i : i + batch]} for i in range(0, n, batch)]
         self.i = 0
 
     def get_next(self):
