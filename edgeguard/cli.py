@@ -180,27 +180,71 @@ def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, op
 @click.option("--recovery-epochs", type=click.IntRange(min=0), default=None, help="NTP: masked source epochs.")
 @click.option("--ntp-loss", type=click.Choice(["fisher", "mmd"]), default=None, help="NTP: loss (mmd = NTL ablation).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any other MapConfig / NtpConfig field, e.g. --set tgt_shift=1 --set src_kl=2 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt.")
 @data_root_option
 @device_option
 def protect(method, source_model, target, out, setting, sparsity, budget, structure, layers, epochs, lr, batch_size,
-            alpha, lam, rho, iterations, recovery_epochs, ntp_loss, seed, resume, data_root, device) -> None:
+            alpha, lam, rho, iterations, recovery_epochs, ntp_loss, seed, overrides, resume, data_root, device) -> None:
     """Protect a source model against reuse on a target domain (MAP or NTP)."""
     given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size).items() if v is not None}
     if method == "map":
+        from .methods.map import MapConfig as _Cfg
+    else:
+        from .methods.ntp import NtpConfig as _Cfg
+    given.update(_parse_overrides(overrides, _Cfg))
+    if method == "map":
         from .methods.map import MapConfig, protect_map
 
-        cfg = MapConfig(setting=setting, sparsity=sparsity, budget=budget, structure=structure, layers=layers,
-                        seed=seed, device=device, **given)
+        cfg = MapConfig(**{**dict(setting=setting, sparsity=sparsity, budget=budget, structure=structure,
+                                  layers=layers, seed=seed, device=device), **given})
         r = protect_map(source_model, target, out, cfg, data_root=data_root, resume=resume)
     else:
         from .methods.ntp import NtpConfig, protect_ntp
 
         extra = {k: v for k, v in dict(alpha=alpha, lam=lam, rho=rho, iterations=iterations, sparsity=sparsity,
                                        recovery_epochs=recovery_epochs, loss=ntp_loss).items() if v is not None}
-        cfg = NtpConfig(seed=seed, device=device, **given, **extra)
+        cfg = NtpConfig(**{**dict(seed=seed, device=device), **extra, **given})
         r = protect_ntp(source_model, target, out, cfg, data_root=data_root, resume=resume)
     click.echo(_protect_summary(method, r, out))
+
+
+def _parse_overrides(items, cfg_cls) -> dict:
+    """`KEY=VALUE` strings → typed config fields (type taken from the field's default); clear errors otherwise."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise EdgeguardError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                                 f"{', '.join(sorted(k for k in fields if k not in ('synth', 'device')))}")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        try:
+            if raw.strip().lower() == "none" and "None" in str(f.type):
+                value = None
+            elif isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = raw.lower() in ("true", "1")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float) or (default is None and "float" in str(f.type)):
+                value = None if raw.lower() == "none" else float(raw)
+            elif default is None and "int" in str(f.type):
+                value = None if raw.lower() == "none" else int(raw)
+            elif isinstance(default, str) or default is None:
+                value = None if raw.lower() == "none" else raw
+            else:
+                raise EdgeguardError(f"--set {key}: this field cannot be set from the command line")
+        except ValueError:
+            raise EdgeguardError(f"--set {item!r}: {raw!r} is not a valid {type(default).__name__}") from None
+        out[key] = value
+    return out
 
 
 def _protect_summary(method: str, r: dict, out: str) -> str:

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from edgeguard.cli import main
@@ -39,3 +40,17 @@ def test_help_everywhere():
 def test_console_script_installed():
     r = subprocess.run([sys.executable, "-m", "edgeguard.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "edgeguard" in r.stdout
+
+
+def test_protect_set_overrides_are_typed_and_checked():
+    from edgeguard.cli import _parse_overrides
+    from edgeguard.errors import EdgeguardError
+    from edgeguard.methods.map import MapConfig
+    from edgeguard.methods.ntp import NtpConfig
+
+    got = _parse_overrides(["tgt_shift=1", "max_source=none", "epochs=3", "structure=2:4"], MapConfig)
+    assert got == {"tgt_shift": 1.0, "max_source": None, "epochs": 3, "structure": "2:4"}
+    assert _parse_overrides(["loss=mmd", "alpha=0.5"], NtpConfig) == {"loss": "mmd", "alpha": 0.5}
+    for bad in ("tgt_shfit=1", "epochs=three", "novalue"):
+        with pytest.raises(EdgeguardError):
+            _parse_overrides([bad], MapConfig)

@@ -79,6 +79,7 @@ class MapConfig:
     select_source_weight: float = 10.0  # mask selection: 10·(1 − source agreement) + target agreement
     tgt_uniform: float = 0.0  # measured: alone it flattens target outputs but keeps their ranking
     tgt_away: float = 1.0
+    tgt_shift: float = 0.0  # CE towards (frozen argmax + 1) mod K: spreads target answers over wrong classes
     clip: float = 3.0
     max_source: int | None = 20000  # defender's source images per run (source-available)
     max_target: int | None = None
@@ -167,6 +168,11 @@ def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, 
     kl_away = (p_teach * (torch.log(p_teach + 1e-12) - logp_t)).sum(1)  # per sample, clipped per sample:
     loss = loss + cfg.tgt_uniform * kl_u - cfg.tgt_away * torch.clamp(kl_away, max=cfg.clip).mean()
     metrics.update(tgt_kl_uniform=float(kl_u.detach()), tgt_kl_away=float(kl_away.mean().detach()))
+    if cfg.tgt_shift:  # a derangement of the frozen model's own answers (no labels); bounded below by 0
+        shifted = (teacher_t.argmax(1) + 1) % k
+        ce_shift = F.cross_entropy(student_t, shifted)
+        loss = loss + cfg.tgt_shift * ce_shift
+        metrics["tgt_shift_ce"] = float(ce_shift.detach())
     return loss, metrics
 
 
