@@ -1,7 +1,11 @@
 """A magnitude-pruned stand-in at a given sparsity (global over prunable weights, first conv kept dense)."""
-import sys, torch
+import sys
+
+import torch
+
 from edgeguard.artifact import load_artifact, save_artifact
 from edgeguard.masks import MaskSet
+
 src, out, sp = sys.argv[1], sys.argv[2], float(sys.argv[3])
 art = load_artifact(src)
 mask = MaskSet.ones(art.model)

@@ -98,6 +98,8 @@ class MapConfig:
             raise EdgeguardError(f"--budget must be global or layer, got {self.budget!r}")
         if self.structure not in (None, "2:4"):
             raise EdgeguardError(f"--structure supports only 2:4, got {self.structure!r}")
+        if self.synth.init not in ("auto", "noise", "target"):
+            raise EdgeguardError(f"synth init must be auto, noise or target, got {self.synth.init!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise EdgeguardError("epochs, batch size and learning rate must be positive")
 
@@ -304,10 +306,17 @@ def protect_map(source_model: str | os.PathLike, target: str | None, out: str | 
         source = _cap(TensorData.from_numpy(src_dom.train_x, src_dom.train_y), cfg.max_source, cfg.seed)
         has_labels = True
     else:
-        xs, ys = cached_pseudo_source(model, art.meta["num_classes"], cfg.synth, str(dev))
+        init = None
+        if cfg.synth.init == "target" or (cfg.synth.init == "auto" and tgt_dom is not None
+                                          and cfg.setting == "source-free"):
+            if tgt_dom is None:
+                raise EdgeguardError("synth init 'target' needs --target images; data-free has none (use noise)")
+            order = np.random.default_rng(cfg.seed).permutation(len(tgt_dom.train_x))
+            init = tgt_dom.train_x[order[: cfg.synth.n]]
+        xs, ys = cached_pseudo_source(model, art.meta["num_classes"], cfg.synth, str(dev), init_images=init)
         source = TensorData.from_numpy(xs, ys)
         has_labels = False  # pseudo-labels are the model's own: distillation only
-        synth_history = {"pseudo_source": int(len(ys))}
+        synth_history = {"pseudo_source": int(len(ys)), "synth_init": "target" if init is not None else "noise"}
     if cfg.setting == "data-free":
         target_train = TensorData.from_numpy(neighbour_domains(source.x.cpu().numpy(), cfg.seed),
                                              np.zeros(len(source) * 7, np.int64))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class SynthesisConfig:
     tv_weight: float = 1e-3
     l2_weight: float = 1e-4
     seed: int = 0
+    init: str = "auto"  # auto | noise | target: start from the defender's target images (auto: where there are some)
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -96,8 +97,15 @@ def _to_uint8(x_norm: torch.Tensor) -> torch.Tensor:
 
 
 def synthesize_bn_inversion(model: nn.Module, num_classes: int, cfg: SynthesisConfig = SynthesisConfig(),
-                            device: str = "auto", history: list | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-source images (uint8 N×3×32×32) and the labels they were optimised towards."""
+                            device: str = "auto", history: list | None = None,
+                            init_images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-source images (uint8 N×3×32×32) and the labels they were optimised towards.
+
+    With `init_images` (uint8, e.g. the defender's target images) the optimisation starts from them and the
+    labels are the frozen model's own answers on them: the result keeps their content but takes on the source
+    domain's feature statistics ("target restyled as source"), which is far closer to real source images
+    than inversion from noise.
+    """
     layers = bn_layers(model)
     if not layers:
         raise EdgeguardError("source-free and data-free MAP synthesise pseudo-source images from BatchNorm "
@@ -117,9 +125,18 @@ def synthesize_bn_inversion(model: nn.Module, num_classes: int, cfg: SynthesisCo
         it = iter(bar)
         for b in range(n_batches):
             size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
-            y = (torch.arange(size) + b * cfg.batch_size) % num_classes  # balanced labels
-            y = y[torch.randperm(size, generator=gen)].to(dev)
-            x = (torch.randn(size, 3, 32, 32, generator=gen) * 0.5).to(dev).requires_grad_(True)
+            if init_images is not None:
+                chunk = torch.from_numpy(init_images[b * cfg.batch_size : b * cfg.batch_size + size]).to(dev)
+                mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+                std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+                x0 = (chunk.float() / 255.0 - mean) / std
+                with torch.no_grad():
+                    y = model(x0).argmax(1)
+                x = x0.clone().requires_grad_(True)
+            else:
+                y = (torch.arange(size) + b * cfg.batch_size) % num_classes  # balanced labels
+                y = y[torch.randperm(size, generator=gen)].to(dev)
+                x = (torch.randn(size, 3, 32, 32, generator=gen) * 0.5).to(dev).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=cfg.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
             for i in range(cfg.iterations):
@@ -154,10 +171,17 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def cached_pseudo_source(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
-                         cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """BN-inversion pseudo-source, computed once per (model weights, recipe) and kept on disk."""
+                         cache_dir: str | os.PathLike | None = None, init_images: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """BN-inversion pseudo-source, computed once per (model weights, recipe, init images) and kept on disk."""
     root = Path(cache_dir or Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "synth")
-    key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg)}, sort_keys=True).encode())
+    if init_images is not None:
+        init_images = np.ascontiguousarray(init_images[: cfg.n])
+        if len(init_images) < cfg.n:
+            cfg = replace(cfg, n=len(init_images))
+    init_key = hashlib.sha256(init_images.tobytes()).hexdigest()[:20] if init_images is not None else None
+    key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg), "init_images": init_key},
+                                    sort_keys=True).encode())
     path = root / f"{key.hexdigest()[:24]}.npz"
     if path.exists():
         try:
@@ -165,7 +189,7 @@ def cached_pseudo_source(model: nn.Module, num_classes: int, cfg: SynthesisConfi
                 return z["x"], z["y"]
         except Exception:
             path.unlink(missing_ok=True)
-    x, y = synthesize_bn_inversion(model, num_classes, cfg, device)
+    x, y = synthesize_bn_inversion(model, num_classes, cfg, device, init_images=init_images)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=x, y=y)
