@@ -69,6 +69,21 @@ def test_synthesis_moves_bn_statistics_toward_stored(mnist_model):
     assert hist[-1]["bn_distance"] < hist[0]["bn_distance"]
 
 
+def test_synthesis_from_target_images_keeps_labels_and_moves_statistics(mnist_model, data_root):
+    from edgeguard.domains import get_domain
+    from edgeguard.training import normalize
+
+    model = load_artifact(mnist_model).model.eval()
+    usps = get_domain("usps").train_x[:64]
+    with torch.no_grad():
+        own = model(normalize(torch.from_numpy(usps))).argmax(1).numpy()
+    start = bn_distance(model, normalize(torch.from_numpy(usps)))
+    x, y = synthesize_bn_inversion(model, 10, SynthesisConfig(n=64, batch_size=64, iterations=60), "cpu",
+                                   init_images=usps)
+    assert np.array_equal(y, own)  # the frozen model's own answers on the target images
+    assert bn_distance(model, normalize(torch.from_numpy(x))) < 0.7 * start  # restyled towards the source
+
+
 def test_model_without_bn_is_refused(tmp_path):
     from edgeguard.errors import EdgeguardError
 
