@@ -14,7 +14,7 @@ def _fmt(ms) -> str:
     return f"{m:+.3f} ± {s:.3f}"
 
 
-def plot_attack(entry: dict, title: str, path: Path) -> None:
+def plot_attack(entry: dict, title: str, path: Path, method: str = "protected") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +22,8 @@ def plot_attack(entry: dict, title: str, path: Path) -> None:
 
     n = np.asarray(entry["n"], dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    styles = [("protected", "protected", "#d62728"), ("unprotected", "unprotected (source model)", "#1f77b4"),
+    first = "evaluated model (no protection)" if method in ("none", None) else f"protected ({method})"
+    styles = [("protected", first, "#d62728"), ("unprotected", "unprotected (source model)", "#1f77b4"),
               ("scratch", "from scratch", "#7f7f7f")]
     for key, label, color in styles:
         if key not in entry:
@@ -70,7 +71,7 @@ def write_report(results: dict, out_dir: Path) -> None:
               "", "| attack | SLC-AUC | normalised | unprotected SLC-AUC | plot |", "|---|---|---|---|---|"]
     for e in results["attacks"]:
         png = f"attack_{e['attack'].replace('/', '_')}.png"
-        plot_attack(e, title, out_dir / png)
+        plot_attack(e, title, out_dir / png, results.get("method", "protected"))
         unp = _fmt(e["unprotected_slc_auc"]) if "unprotected_slc_auc" in e else "–"
         lines.append(f"| {e['attack']} | {_fmt(e['slc_auc'])} | {_fmt(e['slc_auc_normalised'])} | {unp} | "
                      f"![{e['attack']}]({png}) |")
