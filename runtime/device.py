@@ -30,11 +30,16 @@ class DeviceError(Exception):
     pass
 
 
-def bundle_digest(bundle: str | os.PathLike) -> str:
-    """16 hex digits naming a bundle by all of its files (paths and sha256, manifest.sig included)."""
+def bundle_digest(bundle: str | os.PathLike, hashes: dict[str, str] | None = None) -> str:
+    """16 hex digits naming a bundle by all of its files (paths and sha256, manifest.sig included).
+
+    `hashes` (relative path → sha256) skips re-reading files whose hashes the caller already has.
+    """
     bundle = Path(bundle)
-    lines = sorted(f"{sha256_file(p)}  {p.relative_to(bundle).as_posix()}\n" for p in bundle.rglob("*")
-                   if p.is_file() and p.name != "model.engine")  # the engine is built on the device
+    if hashes is None:
+        hashes = {p.relative_to(bundle).as_posix(): sha256_file(p) for p in bundle.rglob("*") if p.is_file()}
+    lines = sorted(f"{h}  {rel}\n" for rel, h in hashes.items()
+                   if Path(rel).name != "model.engine")  # the engine is built on the device
     return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
 
 

@@ -125,20 +125,23 @@ def prepare(bundle: str | Path, opts: DeployOptions, workdir: Path) -> PreparedB
         manifest, _ = verify_bundle(bundle, opts.public_key, require_signature=not opts.allow_unsigned)
     except BundleError as e:
         raise CheckFailed(f"{bundle} does not verify on this host, not deploying it: {e}") from None
-    files = []
+    files, hashes = [], {}  # each file is read once: its hash serves SHA256SUMS and the bundle id
     for p in sorted(bundle.rglob("*")):
         if p.is_symlink():
             raise EdgeguardError(f"{p}: bundles may not contain symlinks")
         if p.is_file():
-            files.append((f"bundle/{p.relative_to(bundle).as_posix()}", p))
+            rel = p.relative_to(bundle).as_posix()
+            files.append((f"bundle/{rel}", p))
+            hashes[rel] = sha256_file(p)
     carried = sorted(bundle.glob("runtime/edgeguard_runtime-*.whl"))
     wheel = carried[-1] if carried else write_wheel(workdir)
     extra = [(f"runtime/{wheel.name}", wheel)]
     if opts.public_key:
         extra.append(("trusted.pub", Path(opts.public_key)))
     sums = workdir / "SHA256SUMS"
-    atomic_write_text(sums, "".join(f"{sha256_file(p)}  {a}\n" for a, p in files + extra))
-    return PreparedBundle(path=bundle, bundle_id=bundle_digest(bundle),
+    lines = [f"{hashes[a.removeprefix('bundle/')]}  {a}\n" for a, _ in files]
+    atomic_write_text(sums, "".join(lines + [f"{sha256_file(p)}  {a}\n" for a, p in extra]))
+    return PreparedBundle(path=bundle, bundle_id=bundle_digest(bundle, hashes),
                           backend=manifest.target.backend, files=files + extra + [("SHA256SUMS", sums)],
                           wheel=wheel, wheel_id=sha256_file(wheel)[:16])
 
@@ -250,7 +253,7 @@ def deploy_one(dev: Device, prep: PreparedBundle, opts: DeployOptions,
                          f"--report reports/{prep.bundle_id}.validate.json", "validate", timeout=opts.timeout,
                     check=False)
         if v.returncode == 255:
-            ssh._raise_for(dev, 255, v.stderr, "validate")
+            ssh.raise_for(dev, 255, v.stderr, "validate")
         passed = v.returncode == 0
         if passed:
             step("bench")

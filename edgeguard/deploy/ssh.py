@@ -77,7 +77,7 @@ def ssh_argv(dev: Device, command: str) -> list[str]:
     return argv + [dev.destination, command]
 
 
-def _raise_for(dev: Device, returncode: int, stderr: str, what: str) -> None:
+def raise_for(dev: Device, returncode: int, stderr: str, what: str) -> None:
     text = stderr.strip()
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key for" in text and "has changed" in text:
         raise SshError(f"{dev.name}: host key has CHANGED since it was recorded: refusing (if the device was "
@@ -104,7 +104,7 @@ def run(dev: Device, command: str, what: str, stdin: str | None = None, timeout:
         raise SshError("the `ssh` client is not installed on this machine (Debian: apt install openssh-client)",
                        "connect") from None
     if check and proc.returncode != 0:
-        _raise_for(dev, proc.returncode, proc.stderr or proc.stdout, what)
+        raise_for(dev, proc.returncode, proc.stderr or proc.stdout, what)
     return proc
 
 
@@ -150,5 +150,5 @@ def upload(dev: Device, files: Iterable[tuple[str, Path]], remote_dir: str, on_b
     err = err_file.read().decode(errors="replace")
     err_file.close()
     if proc.returncode != 0:
-        _raise_for(dev, proc.returncode, err or "connection lost", "upload")
+        raise_for(dev, proc.returncode, err or "connection lost", "upload")
     return counter.n

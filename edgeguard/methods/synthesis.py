@@ -28,6 +28,7 @@ from ..devices import resolve_device
 from ..domains.base import MEAN, STD
 from ..errors import EdgeguardError
 from ..progress import progress
+from ..training import normalize
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,7 @@ def synthesize_bn_inversion(model: nn.Module, num_classes: int, cfg: SynthesisCo
             size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
             if init_images is not None:
                 chunk = torch.from_numpy(init_images[b * cfg.batch_size : b * cfg.batch_size + size]).to(dev)
-                mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
-                std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
-                x0 = (chunk.float() / 255.0 - mean) / std
+                x0 = normalize(chunk)
                 with torch.no_grad():
                     y = model(x0).argmax(1)
                 x = x0.clone().requires_grad_(True)
