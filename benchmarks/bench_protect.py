@@ -24,14 +24,17 @@ def main() -> None:
     ap.add_argument("--target", required=True)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--grid", default=None)
-    ap.add_argument("--attacks", default="direct-all/masked,direct-all/free")
+    ap.add_argument("--attacks", default="direct-all/masked,direct-all/free",
+                    help="comma-separated attacks, or 'none' to measure only the direct (no fine-tuning) metrics")
     ap.add_argument("--config", default="{}", help="JSON overrides of the method's config")
     ap.add_argument("--out", default="runs/bench_protect")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
-    rows = ["| method | setting | pair | seed | protect s | sparsity | source before→after | target before→after | "
-            + " | ".join(f"SLC-AUC {x}" for x in a.attacks.split(",")) + " |",
-            "|---" * (8 + len(a.attacks.split(","))) + "|"]
+    attacks = [] if a.attacks == "none" else a.attacks.split(",")
+    rows = ["| method | setting | pair | seed | protect s | sparsity | source before→after | ΔS | target before→after "
+            "| ST-D | " + " | ".join(f"SLC-AUC {x}" for x in attacks) + " |",
+            "|---" * (10 + len(attacks)) + "|"]
+    drops, targets = [], []
     for seed in range(a.seeds):
         out = Path(a.out) / f"{a.method}_{a.setting}_{Path(a.source).stem}_{a.target}_s{seed}.safetensors"
         t = time.perf_counter()
@@ -45,14 +48,25 @@ def main() -> None:
 
             r = protect_ntp(a.source, a.target, out, NtpConfig(seed=seed, device=a.device, **json.loads(a.config)))
         secs = time.perf_counter() - t
-        cfg = EvalConfig(target=a.target, attacks=[parse_attack(x) for x in a.attacks.split(",")],
-                         grid=parse_grid(a.grid), seeds=1, device=a.device)
-        res = evaluate_model(out, cfg, out.with_suffix(".report"))
-        slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"])
+        slc = ""
+        if attacks:
+            cfg = EvalConfig(target=a.target, attacks=[parse_attack(x) for x in attacks],
+                             grid=parse_grid(a.grid), seeds=1, device=a.device)
+            res = evaluate_model(out, cfg, out.with_suffix(".report"))
+            slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"])
         tb, ta = r[f"target_before:{a.target}"], r[f"target_after:{a.target}"]
+        ds, dt_ = (r["source_before"] - r["source_after"]) * 100, (tb - ta) * 100
+        drops.append(ds)
+        targets.append(ta * 100)
+        std = f"{ds / dt_:.3f}" if abs(dt_) > 1e-9 else "–"
         rows.append(f"| {a.method} | {a.setting if a.method == 'map' else '-'} | {Path(a.source).stem}→{a.target} | "
                     f"{seed} | {secs:.0f} | {r['sparsity'] * 100:.1f}% | {r['source_before'] * 100:.2f}→"
-                    f"{r['source_after'] * 100:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {slc} |")
+                    f"{r['source_after'] * 100:.2f} | {ds:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {std} | {slc} |")
+    if a.seeds > 1:
+        import statistics as st
+
+        rows.append(f"| mean ± sd | | | {a.seeds} seeds | | | | {st.mean(drops):.2f} ± {st.stdev(drops):.2f} | "
+                    f"→{st.mean(targets):.1f} ± {st.stdev(targets):.1f} | | {' | ' * len(attacks)}")
     record(f"{a.method.upper()} protection and attack grid", rows)
 
 

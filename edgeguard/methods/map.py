@@ -28,6 +28,7 @@ Defaults were chosen by measurement on MNIST→USPS with small_cnn (benchmarks/R
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ class MapConfig:
     batch_size: int = 128
     source_batch_ratio: int = 1  # source images per target image in each step (a steadier source gradient)
     lr: float = 0.01
+    scheduler: str = "none"  # none | cosine (score learning rate)
     margin: float = 0.1
     temperature: float = 2.0
     src_kl: float = 1.0
@@ -85,7 +87,10 @@ class MapConfig:
     tgt_uniform: float = 0.0  # measured: alone it flattens target outputs but keeps their ranking
     tgt_away: float = 1.0
     tgt_shift: float = 0.0  # CE towards (frozen argmax + 1) mod K: spreads target answers over wrong classes
+    tgt_balance: float = 0.0  # log K − H(batch-mean target prediction): stops the target collapsing onto one class
     clip: float = 3.0
+    repair_epochs: int = 0  # after the main phase: source terms + hold the target answers, weights may regrow
+    repair_target: float = 1.0
     max_source: int | None = 20000  # defender's source images per run (source-available)
     max_target: int | None = None
     synth: SynthesisConfig = field(default_factory=SynthesisConfig)
@@ -103,6 +108,11 @@ class MapConfig:
             raise EdgeguardError(f"--structure supports only 2:4, got {self.structure!r}")
         if self.synth.init not in ("auto", "noise", "target"):
             raise EdgeguardError(f"synth init must be auto, noise or target, got {self.synth.init!r}")
+        if self.scheduler not in ("none", "cosine"):
+            raise EdgeguardError(f"scheduler must be none or cosine, got {self.scheduler!r}")
+        if min(self.tgt_away, self.tgt_uniform, self.tgt_shift, self.tgt_balance, self.src_kl, self.src_ce,
+               self.repair_target, self.repair_epochs) < 0:
+            raise EdgeguardError("loss coefficients must be ≥ 0 (the signs are built into the losses)")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise EdgeguardError("epochs, batch size and learning rate must be positive")
 
@@ -159,7 +169,8 @@ def masked_forward(model: nn.Module, scores: MaskScores, x: torch.Tensor) -> tor
     return functional_call(model, subst, (x,))
 
 
-def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, has_labels: bool):
+def source_loss(student_s, teacher_s, y_s, cfg: MapConfig, has_labels: bool):
+    """T²·KL(frozen ‖ masked) on source images, + CE where source labels exist."""
     T = cfg.temperature
     kl_s = F.kl_div(F.log_softmax(student_s / T, 1), F.softmax(teacher_s / T, 1), reduction="batchmean") * T * T
     loss = cfg.src_kl * kl_s
@@ -168,6 +179,20 @@ def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, 
         ce = F.cross_entropy(student_s, y_s)
         loss = loss + cfg.src_ce * ce
         metrics["src_ce"] = float(ce.detach())
+    return loss, metrics
+
+
+def repair_losses(student_s, teacher_s, y_s, student_t, protected_t, cfg: MapConfig, has_labels: bool):
+    """Repair phase: the source terms, and KL(protected ‖ masked) on target images, which holds the target
+    answers of the mask chosen in the main phase while weights the source needs may grow back."""
+    loss, metrics = source_loss(student_s, teacher_s, y_s, cfg, has_labels)
+    keep = F.kl_div(F.log_softmax(student_t, 1), F.softmax(protected_t, 1), reduction="batchmean")
+    metrics["tgt_keep_kl"] = float(keep.detach())
+    return loss + cfg.repair_target * keep, metrics
+
+
+def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, has_labels: bool):
+    loss, metrics = source_loss(student_s, teacher_s, y_s, cfg, has_labels)
     logp_t = F.log_softmax(student_t, 1)
     k = student_t.shape[1]
     kl_u = (-logp_t.mean(1) - math.log(k)).mean()  # KL(U ‖ p) ≥ 0
@@ -175,6 +200,11 @@ def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, 
     kl_away = (p_teach * (torch.log(p_teach + 1e-12) - logp_t)).sum(1)  # per sample, clipped per sample:
     loss = loss + cfg.tgt_uniform * kl_u - cfg.tgt_away * torch.clamp(kl_away, max=cfg.clip).mean()
     metrics.update(tgt_kl_uniform=float(kl_u.detach()), tgt_kl_away=float(kl_away.mean().detach()))
+    if cfg.tgt_balance:  # bounded in [0, log K]: 0 when the batch's target answers are spread evenly
+        p_mean = logp_t.exp().mean(0)
+        gap = math.log(k) + (p_mean * torch.log(p_mean + 1e-12)).sum()
+        loss = loss + cfg.tgt_balance * gap
+        metrics["tgt_balance_gap"] = float(gap.detach())
     if cfg.tgt_shift:  # a derangement of the frozen model's own answers (no labels); bounded below by 0
         shifted = (teacher_t.argmax(1) + 1) % k
         ce_shift = F.cross_entropy(student_t, shifted)
@@ -210,7 +240,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     scores.register_buffer("best_score", torch.tensor(float("inf"), device=dev))
     steps = math.ceil(len(target) / cfg.batch_size)  # an epoch is one pass over the target set
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
-                       scheduler="none", seed=cfg.seed, device=str(dev), augment_shift=0)
+                       scheduler=cfg.scheduler, seed=cfg.seed, device=str(dev), augment_shift=0)
 
     def batches(epoch: int, gen: torch.Generator):
         sb = cfg.batch_size * cfg.source_batch_ratio
@@ -229,21 +259,27 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
                 t = next(tgt_it)
             yield s, t, gen
 
+    protected: dict[str, nn.Module] = {}  # the main phase's masked model, during the repair phase
+
     def step(item):
         s, t, gen = item
         xs = augment(normalize(s.x), gen, 1)
         xt = augment(normalize(t.x), gen, 1)
         x = torch.cat([xs, xt])  # BN is in eval mode, so one pass over both domains is exact
+        n = len(xs)
         feats: list[torch.Tensor] = []
         hook = model.encoder.register_forward_hook(lambda m, i, o: feats.append(o.mean(dim=(2, 3)).float()))
         try:
             with torch.no_grad():
                 teach = model(x).float()
+                held = protected["model"](xt).float() if protected else None
             stud = masked_forward(model, scores, x).float()
         finally:
             hook.remove()
-        n = len(xs)
-        loss, metrics = map_losses(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
+        if held is None:
+            loss, metrics = map_losses(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
+        else:
+            loss, metrics = repair_losses(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
         if cfg.src_feat:
             feat = F.mse_loss(feats[1][:n], feats[0][:n])
             loss = loss + cfg.src_feat * feat
@@ -270,8 +306,32 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
 
     state = run_loop({"scores": scores}, scores.parameters(), tcfg, batches, step, end_of_epoch=end_of_epoch,
                      checkpoint=checkpoint, resume=resume, desc=f"MAP {cfg.setting}", steps_per_epoch=steps)
+    history = state.history
+    if cfg.repair_epochs:
+        # Repair: restart the scores at ±margin from the chosen mask and train with the source terms while the
+        # target answers are held at the chosen mask's; the selection score is kept, so a repaired mask
+        # replaces the chosen one only where it scores better.
+        held_model = copy.deepcopy(model)
+        MaskSet({n: getattr(scores, f"best_{i}").clone() for i, n in enumerate(names)}).bake_(held_model)
+        protected["model"] = held_model.eval()
+        with torch.no_grad():
+            for i, sc in enumerate(scores.scores):
+                w = dict(model.named_parameters())[names[i]].detach()
+                mag = w.abs() / (w.abs().max() + 1e-12)
+                sign = getattr(scores, f"best_{i}").to(sc.dtype) * 2 - 1
+                sc.copy_(sign * cfg.margin * (1.0 + mag))
+        rcfg = TrainConfig(epochs=cfg.repair_epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
+                           scheduler=cfg.scheduler, seed=cfg.seed + 1, device=str(dev), augment_shift=0)
+        rstate = run_loop({"scores": scores}, scores.parameters(), rcfg, batches, step, end_of_epoch=end_of_epoch,
+                          checkpoint=repair_checkpoint(checkpoint) if checkpoint else None, resume=resume,
+                          desc=f"MAP {cfg.setting} repair", steps_per_epoch=steps)
+        history = history + [{**row, "phase": "repair"} for row in rstate.history]
     best = MaskSet({n: getattr(scores, f"best_{i}").cpu().clone() for i, n in enumerate(names)})
-    return best, state.history
+    return best, history
+
+
+def repair_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    return Path(str(checkpoint) + ".repair")
 
 
 def _cap(d: TensorData, n: int | None, seed: int) -> TensorData:
@@ -338,7 +398,8 @@ def protect_map(source_model: str | os.PathLike, target: str | None, out: str | 
         "source": "T²·KL(p_frozen^T ‖ p^T)" + (" + CE" if has_labels else ""),
         "target": " + ".join(t for c, t in ((cfg.tgt_uniform, f"{cfg.tgt_uniform}·KL(U ‖ p)"),
                                              (cfg.tgt_away, f"−{cfg.tgt_away}·min(KL(p_frozen ‖ p), {cfg.clip})"),
-                                             (cfg.tgt_shift, f"{cfg.tgt_shift}·CE(p, argmax p_frozen + 1)"))
+                                             (cfg.tgt_shift, f"{cfg.tgt_shift}·CE(p, argmax p_frozen + 1)"),
+                                             (cfg.tgt_balance, f"{cfg.tgt_balance}·(log K − H(mean p))"))
                              if c) or "none"}}
     meta = build_meta(protected, arch=art.meta["arch"], classes=art.meta["classes"], source_domain=src_name,
                       method="map", method_config=method_cfg, arch_args=art.meta.get("arch_args"),
@@ -348,14 +409,13 @@ def protect_map(source_model: str | os.PathLike, target: str | None, out: str | 
     save_artifact(out, protected.cpu(), meta, mask)
     atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(method_cfg, indent=2, default=str))
     ckpt.unlink(missing_ok=True)
+    repair_checkpoint(ckpt).unlink(missing_ok=True)
     return summary
 
 
 
 def _before_after(model: nn.Module, mask: MaskSet, src_name: str, target: str | None, data_root, dev) -> dict:
     """Source and target test accuracy of the frozen model and of the masked one (where the data exists)."""
-    import copy
-
     masked = copy.deepcopy(model)
     mask.to(dev).bake_(masked)
     accs: dict[str, float] = {}
