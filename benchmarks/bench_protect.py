@@ -32,7 +32,7 @@ def main() -> None:
     a = ap.parse_args()
     attacks = [] if a.attacks == "none" else a.attacks.split(",")
     rows = ["| method | setting | pair | seed | protect s | sparsity | source before→after | ΔS | target before→after "
-            "| ST-D | " + " | ".join(f"SLC-AUC {x}" for x in attacks) + " |",
+            "| ST-D |" + "".join(f" SLC-AUC {x} |" for x in attacks),
             "|---" * (10 + len(attacks)) + "|"]
     drops, targets = [], []
     for seed in range(a.seeds):
@@ -61,12 +61,13 @@ def main() -> None:
         std = f"{ds / dt_:.3f}" if abs(dt_) > 1e-9 else "–"
         rows.append(f"| {a.method} | {a.setting if a.method == 'map' else '-'} | {Path(a.source).stem}→{a.target} | "
                     f"{seed} | {secs:.0f} | {r['sparsity'] * 100:.1f}% | {r['source_before'] * 100:.2f}→"
-                    f"{r['source_after'] * 100:.2f} | {ds:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {std} | {slc} |")
+                    f"{r['source_after'] * 100:.2f} | {ds:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {std} |"
+                    + (f" {slc} |" if slc else ""))
     if a.seeds > 1:
         import statistics as st
 
         rows.append(f"| mean ± sd | | | {a.seeds} seeds | | | | {st.mean(drops):.2f} ± {st.stdev(drops):.2f} | "
-                    f"→{st.mean(targets):.1f} ± {st.stdev(targets):.1f} | | {' | ' * len(attacks)}")
+                    f"→{st.mean(targets):.1f} ± {st.stdev(targets):.1f} | |" + " |" * len(attacks))
     record(f"{a.method.upper()} protection and attack grid", rows)
 
 

@@ -39,7 +39,8 @@ def test_kept_weights_are_bit_identical(map_sa, mnist_model):
 
 def test_two_four_structure(mnist_model, tmp_path):
     out = tmp_path / "m24.safetensors"
-    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, structure="2:4", max_source=2000, max_target=1000,
+    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, repair_epochs=1, structure="2:4", max_source=2000,
+                                                     max_target=1000,
                                                      device="cpu"))
     art = load_artifact(out)
     for name, m in art.mask.masks.items():
@@ -49,7 +50,8 @@ def test_two_four_structure(mnist_model, tmp_path):
 
 def test_sparsity_cap(mnist_model, tmp_path):
     out = tmp_path / "cap.safetensors"
-    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, sparsity=0.02, max_source=2000, max_target=1000,
+    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, repair_epochs=1, sparsity=0.02, max_source=2000,
+                                                     max_target=1000,
                                                      device="cpu"))
     assert load_artifact(out).mask.sparsity() <= 0.02 + 1e-6
 
