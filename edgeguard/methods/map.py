@@ -126,6 +126,13 @@ class MapConfig:
             raise EdgeguardError("epochs, batch size and learning rate must be positive")
 
 
+def initial_scores(w: torch.Tensor, margin: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """±margin·(1 + |w|/max|w|): the sign sets the mask (+ keep), magnitude breaks ties (2:4, caps)."""
+    mag = w.abs() / (w.abs().max() + 1e-12)
+    sign = 1.0 if keep is None else keep.to(w.dtype) * 2 - 1
+    return sign * margin * (1.0 + mag)
+
+
 class MaskScores(nn.Module):
     """Learnable scores for the prunable weights of a frozen model, and the (straight-through) masks."""
 
@@ -134,13 +141,8 @@ class MaskScores(nn.Module):
         params = dict(model.named_parameters())
         self.names = names
         self.cfg = cfg
-        scores = []
-        for n in names:
-            w = params[n].detach()
-            # Ties broken by magnitude (matters for 2:4 and caps); every score starts ≥ margin: mask all-ones.
-            mag = w.abs() / (w.abs().max() + 1e-12)
-            scores.append(nn.Parameter(cfg.margin * (1.0 + mag)))
-        self.scores = nn.ParameterList(scores)
+        # Every score starts ≥ margin: the mask starts all-ones and the model as the source model.
+        self.scores = nn.ParameterList([nn.Parameter(initial_scores(params[n].detach(), cfg.margin)) for n in names])
 
     def keep(self) -> list[torch.Tensor]:
         """Hard keep-decisions (bool) per layer."""
@@ -324,11 +326,9 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         MaskSet({n: getattr(scores, f"best_{i}").clone() for i, n in enumerate(names)}).bake_(held_model)
         protected["model"] = held_model.eval()
         with torch.no_grad():
+            params = dict(model.named_parameters())
             for i, sc in enumerate(scores.scores):
-                w = dict(model.named_parameters())[names[i]].detach()
-                mag = w.abs() / (w.abs().max() + 1e-12)
-                sign = getattr(scores, f"best_{i}").to(sc.dtype) * 2 - 1
-                sc.copy_(sign * cfg.margin * (1.0 + mag))
+                sc.copy_(initial_scores(params[names[i]].detach(), cfg.margin, getattr(scores, f"best_{i}")))
         rcfg = TrainConfig(epochs=cfg.repair_epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
                            scheduler=cfg.scheduler, seed=cfg.seed + 1, device=str(dev), augment_shift=0)
         rstate = run_loop({"scores": scores}, scores.parameters(), rcfg, batches, step, end_of_epoch=end_of_epoch,
