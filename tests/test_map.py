@@ -92,3 +92,37 @@ def test_model_without_bn_is_refused(tmp_path):
     lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     with pytest.raises(EdgeguardError, match="no BatchNorm"):
         synthesize_bn_inversion(lin, 10, SynthesisConfig(n=4, batch_size=4, iterations=1), "cpu")
+
+
+def test_repair_restart_reproduces_the_chosen_mask_and_holds_target_answers():
+    """The repair phase restarts the scores from the chosen mask (the same hard mask, with or without 2:4),
+    and its target term is zero exactly when the masked model gives the chosen mask's answers."""
+    from edgeguard.masks import prunable_names
+    from edgeguard.methods.map import MaskScores, initial_scores, repair_losses
+    from edgeguard.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn")
+    params = dict(model.named_parameters())
+    names = prunable_names(model)
+    for structure in (None, "2:4"):
+        cfg = MapConfig(structure=structure)
+        scores = MaskScores(model, names, cfg)
+        with torch.no_grad():  # a main phase that pruned about a quarter of the scores
+            for sc in scores.scores:
+                sc.copy_(torch.randn_like(sc) + 0.7)
+        chosen = scores.keep()
+        assert 0.1 < 1 - torch.cat([k.flatten().float() for k in chosen]).mean() < 0.9
+        with torch.no_grad():
+            for sc, k, n in zip(scores.scores, chosen, names):
+                sc.copy_(initial_scores(params[n].detach(), cfg.margin, k))
+        for got, k in zip(scores.keep(), chosen):
+            assert torch.equal(got, k), f"restart changed the mask ({structure})"
+            if structure and got.dim() > 1:
+                assert is_n_m(got, 2, 4)
+    logits_s, logits_t = torch.randn(8, 10), torch.randn(8, 10)
+    y = torch.randint(0, 10, (8,))
+    held, _ = repair_losses(logits_s, logits_s, y, logits_t, logits_t, MapConfig(src_ce=0), True)
+    moved, m = repair_losses(logits_s, logits_s, y, logits_t + torch.randn(8, 10), logits_t,
+                             MapConfig(src_ce=0), True)
+    assert float(held) < 1e-6 < float(moved) and m["tgt_keep_kl"] > 0
