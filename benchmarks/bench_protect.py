@@ -12,6 +12,7 @@ from pathlib import Path
 from _record import record
 
 from edgeguard.evaluation.attack import parse_attack
+from edgeguard.evaluation.metrics import direct_metrics, mean_std
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import parse_grid
 
@@ -55,19 +56,19 @@ def main() -> None:
             res = evaluate_model(out, cfg, out.with_suffix(".report"))
             slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"])
         tb, ta = r[f"target_before:{a.target}"], r[f"target_after:{a.target}"]
-        ds, dt_ = (r["source_before"] - r["source_after"]) * 100, (tb - ta) * 100
+        d = direct_metrics(r["source_before"], r["source_after"], tb, ta)
+        ds = d["delta_s"]
         drops.append(ds)
         targets.append(ta * 100)
-        std = f"{ds / dt_:.3f}" if abs(dt_) > 1e-9 else "–"
+        std = "–" if d["st_d"] is None else f"{d['st_d']:.3f}"
         rows.append(f"| {a.method} | {a.setting if a.method == 'map' else '-'} | {Path(a.source).stem}→{a.target} | "
                     f"{seed} | {secs:.0f} | {r['sparsity'] * 100:.1f}% | {r['source_before'] * 100:.2f}→"
                     f"{r['source_after'] * 100:.2f} | {ds:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {std} |"
                     + (f" {slc} |" if slc else ""))
     if a.seeds > 1:
-        import statistics as st
-
-        rows.append(f"| mean ± sd | | | {a.seeds} seeds | | | | {st.mean(drops):.2f} ± {st.stdev(drops):.2f} | "
-                    f"→{st.mean(targets):.1f} ± {st.stdev(targets):.1f} | |" + " |" * len(attacks))
+        (dm, dsd), (tm, tsd) = mean_std(drops), mean_std(targets)
+        rows.append(f"| mean ± sd | | | {a.seeds} seeds | | | | {dm:.2f} ± {dsd:.2f} | →{tm:.1f} ± {tsd:.1f} | |"
+                    + " |" * len(attacks))
     record(f"{a.method.upper()} protection and attack grid", rows)
 
 

@@ -318,12 +318,16 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     state = run_loop({"scores": scores}, scores.parameters(), tcfg, batches, step, end_of_epoch=end_of_epoch,
                      checkpoint=checkpoint, resume=resume, desc=f"MAP {cfg.setting}", steps_per_epoch=steps)
     history = state.history
+
+    def chosen() -> MaskSet:  # the best mask so far (kept in the scores' buffers, so it is checkpointed)
+        return MaskSet({n: getattr(scores, f"best_{i}").clone() for i, n in enumerate(names)})
+
     if cfg.repair_epochs:
         # Repair: restart the scores at ±margin from the chosen mask and train with the source terms while the
         # target answers are held at the chosen mask's; the selection score is kept, so a repaired mask
         # replaces the chosen one only where it scores better.
         held_model = copy.deepcopy(model)
-        MaskSet({n: getattr(scores, f"best_{i}").clone() for i, n in enumerate(names)}).bake_(held_model)
+        chosen().bake_(held_model)
         protected["model"] = held_model.eval()
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -335,8 +339,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
                           checkpoint=repair_checkpoint(checkpoint) if checkpoint else None, resume=resume,
                           desc=f"MAP {cfg.setting} repair", steps_per_epoch=steps)
         history = history + [{**row, "phase": "repair"} for row in rstate.history]
-    best = MaskSet({n: getattr(scores, f"best_{i}").cpu().clone() for i, n in enumerate(names)})
-    return best, history
+    return chosen().cpu(), history
 
 
 def repair_checkpoint(checkpoint: str | os.PathLike) -> Path:
