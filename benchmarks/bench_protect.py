@@ -24,19 +24,21 @@ def main() -> None:
     ap.add_argument("--source", required=True)
     ap.add_argument("--target", required=True)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--grid", default=None)
     ap.add_argument("--attacks", default="direct-all/masked,direct-all/free",
                     help="comma-separated attacks, or 'none' to measure only the direct (no fine-tuning) metrics")
     ap.add_argument("--config", default="{}", help="JSON overrides of the method's config")
     ap.add_argument("--out", default="runs/bench_protect")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=1, help="attack runs trained at once (processes)")
     a = ap.parse_args()
     attacks = [] if a.attacks == "none" else a.attacks.split(",")
     rows = ["| method | setting | pair | seed | protect s | sparsity | source before→after | ΔS | target before→after "
             "| ST-D |" + "".join(f" SLC-AUC {x} |" for x in attacks),
             "|---" * (10 + len(attacks)) + "|"]
     drops, targets = [], []
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         out = Path(a.out) / f"{a.method}_{a.setting}_{Path(a.source).stem}_{a.target}_s{seed}.safetensors"
         t = time.perf_counter()
         if a.method == "map":
@@ -52,7 +54,7 @@ def main() -> None:
         slc = ""
         if attacks:
             cfg = EvalConfig(target=a.target, attacks=[parse_attack(x) for x in attacks],
-                             grid=parse_grid(a.grid), seeds=1, device=a.device)
+                             grid=parse_grid(a.grid), seeds=1, device=a.device, workers=a.workers)
             res = evaluate_model(out, cfg, out.with_suffix(".report"))
             slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"])
         tb, ta = r[f"target_before:{a.target}"], r[f"target_after:{a.target}"]
