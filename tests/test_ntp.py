@@ -66,3 +66,21 @@ def test_fisher_ratio_handles_missing_classes():
     r = fisher_ratio(f, torch.tensor([0, 0, 3, 3, 3, 7, 7, 7]))
     r.backward()
     assert r.item() > 0 and f.grad is not None
+
+
+def test_head_recovery_trains_only_the_source_head(mnist_model, tmp_path):
+    """recovery_params='head' is a linear probe: the pruned encoder (weights and BN statistics) stays as ADMM left it."""
+    base = {**FAST, "iterations": 2, "head_epochs": 1}
+    plain, head = tmp_path / "plain.safetensors", tmp_path / "head.safetensors"
+    protect_ntp(mnist_model, "usps", plain, NtpConfig(sparsity=0.5, **{**base, "recovery_epochs": 0}))
+    protect_ntp(mnist_model, "usps", head, NtpConfig(sparsity=0.5, **{**base, "recovery_epochs": 1,
+                                                                      "recovery_params": "head"}))
+    sp, sh = load_artifact(plain).model.state_dict(), load_artifact(head).model.state_dict()
+    encoder = [k for k in sp if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(sp[k], sh[k]) for k in encoder)
+    assert any(not torch.equal(sp[k], sh[k]) for k in sp if k.startswith("head."))
+
+
+def test_bad_recovery_params_is_a_clear_error():
+    with pytest.raises(Exception, match="recovery_params must be all or head"):
+        NtpConfig(recovery_params="encoder").validate()
