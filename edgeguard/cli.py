@@ -196,7 +196,10 @@ def protect(method, source_model, target, out, setting, sparsity, budget, struct
     given.update(_parse_overrides(overrides, _Cfg))
     if method == "map":
         from .methods.map import MapConfig, protect_map
+        from .methods.synthesis import SynthesisConfig
 
+        if "synth" in given:
+            given["synth"] = SynthesisConfig(**given["synth"])
         cfg = MapConfig(**{**dict(setting=setting, sparsity=sparsity, budget=budget, structure=structure,
                                   layers=layers, seed=seed, device=device), **given})
         r = protect_map(source_model, target, out, cfg, data_root=data_root, resume=resume)
@@ -210,18 +213,29 @@ def protect(method, source_model, target, out, setting, sparsity, budget, struct
     click.echo(_protect_summary(method, r, out))
 
 
-def _parse_overrides(items, cfg_cls) -> dict:
-    """`KEY=VALUE` strings → typed config fields (type taken from the field's default); clear errors otherwise."""
+def _parse_overrides(items, cfg_cls, prefix: str = "") -> dict:
+    """`KEY=VALUE` strings → typed config fields (type taken from the field's default); clear errors otherwise.
+
+    A dotted key sets a field of a nested config (`synth.n=512` → MapConfig.synth.n); nested values come back
+    as a dict under the outer name, for the caller to build that config from.
+    """
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    out = {}
+    nested = {name: f.default_factory for name, f in fields.items()
+              if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
+    out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise EdgeguardError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
-                                 f"{', '.join(sorted(k for k in fields if k not in ('synth', 'device')))}")
+        outer, dot, inner = key.partition(".")
+        if sep and dot and outer in nested:
+            out.setdefault(outer, {}).update(_parse_overrides([f"{inner}={raw}"], nested[outer], f"{outer}."))
+            continue
+        if not sep or key not in fields or key in nested:
+            names = sorted(prefix + k for k in fields if k not in nested and k != "device")
+            names += [f"{n}.{f.name}" for n, cls in nested.items() for f in dataclasses.fields(cls)]
+            raise EdgeguardError(f"--set {prefix + item!r}: expected KEY=VALUE with KEY one of {', '.join(names)}")
         f = fields[key]
         default = f.default if f.default is not dataclasses.MISSING else None
         try:
@@ -240,9 +254,9 @@ def _parse_overrides(items, cfg_cls) -> dict:
             elif isinstance(default, str) or default is None:
                 value = None if raw.lower() == "none" else raw
             else:
-                raise EdgeguardError(f"--set {key}: this field cannot be set from the command line")
+                raise EdgeguardError(f"--set {prefix + key}: this field cannot be set from the command line")
         except ValueError:
-            raise EdgeguardError(f"--set {item!r}: {raw!r} is not a valid {type(default).__name__}") from None
+            raise EdgeguardError(f"--set {prefix + item!r}: {raw!r} is not a valid {type(default).__name__}") from None
         out[key] = value
     return out
 

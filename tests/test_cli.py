@@ -51,6 +51,9 @@ def test_protect_set_overrides_are_typed_and_checked():
     got = _parse_overrides(["tgt_shift=1", "max_source=none", "epochs=3", "structure=2:4"], MapConfig)
     assert got == {"tgt_shift": 1.0, "max_source": None, "epochs": 3, "structure": "2:4"}
     assert _parse_overrides(["loss=mmd", "alpha=0.5"], NtpConfig) == {"loss": "mmd", "alpha": 0.5}
-    for bad in ("tgt_shfit=1", "epochs=three", "novalue"):
+    for bad in ("tgt_shfit=1", "epochs=three", "novalue", "synth=3", "synth.nn=3", "synth.n=many"):
         with pytest.raises(EdgeguardError):
             _parse_overrides([bad], MapConfig)
+    # a dotted key reaches the nested synthesis config
+    got = _parse_overrides(["synth.n=128", "synth.init=noise", "synth.lr=0.05", "epochs=2"], MapConfig)
+    assert got == {"synth": {"n": 128, "init": "noise", "lr": 0.05}, "epochs": 2}
