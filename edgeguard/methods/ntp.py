@@ -180,6 +180,18 @@ def scheduled_sparsity(cfg: NtpConfig, iteration: int) -> float:
     return cfg.sparsity * (1 - (1 - t) ** 3)
 
 
+def train_head(model: nn.Module, data: TensorData, epochs: int, lr: float, batch_size: int, seed: int,
+               device: torch.device, desc: str) -> None:
+    """A linear probe: train `model.head` on `data` with the encoder frozen (its BN stays in eval mode)."""
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    train_classifier(model, data, TrainConfig(epochs=epochs, lr=lr, weight_decay=8e-4, batch_size=batch_size,
+                                              scheduler="none", seed=seed, device=str(device)),
+                     params=model.head.parameters(), train_modules={"head": model.head}, desc=desc)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = 256, max_batches: int = 50) -> None:
     """Re-estimate every BN layer's running statistics on `data` (cumulative average), then eval mode."""
@@ -242,12 +254,7 @@ def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.Path
 
     # h_t: a copy of the head trained on target data with the encoder frozen.
     h_t_model = copy.deepcopy(model)
-    for p in h_t_model.encoder.parameters():
-        p.requires_grad_(False)
-    train_classifier(h_t_model, tgt, TrainConfig(epochs=cfg.head_epochs, lr=1e-3, weight_decay=8e-4,
-                                                 batch_size=cfg.batch_size, scheduler="none", seed=cfg.seed,
-                                                 device=str(dev)),
-                     params=h_t_model.head.parameters(), train_modules={"head": h_t_model.head}, desc="NTP h_t")
+    train_head(h_t_model, tgt, cfg.head_epochs, 1e-3, cfg.batch_size, cfg.seed, dev, "NTP h_t")
     h_t = h_t_model.head.eval()
     h_s = model.head.eval()
     for p in list(h_t.parameters()) + list(h_s.parameters()):
@@ -343,14 +350,8 @@ def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.Path
     if cfg.recovery_epochs and cfg.recovery_params == "head":
         # Head-only recovery: a linear probe of the source head on the frozen pruned encoder (BN in eval mode
         # with the source statistics), so the encoder the attacker fine-tunes keeps what ADMM did to it.
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-        for p in model.head.parameters():
-            p.requires_grad_(True)
-        train_classifier(model, src, TrainConfig(epochs=cfg.recovery_epochs, lr=cfg.recovery_lr, weight_decay=8e-4,
-                                                 batch_size=cfg.batch_size, scheduler="none", seed=cfg.seed + 99,
-                                                 device=str(dev)),
-                         params=model.head.parameters(), train_modules={"head": model.head}, desc="NTP head recovery")
+        train_head(model, src, cfg.recovery_epochs, cfg.recovery_lr, cfg.batch_size, cfg.seed + 99, dev,
+                   "NTP head recovery")
         for p in model.parameters():
             p.requires_grad_(True)
     elif cfg.recovery_epochs:
