@@ -37,7 +37,7 @@ def main() -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("source (MNIST) accuracy after protection, %")
     ax.set_ylabel("SLC-AUC, direct-all/masked (lower = stronger)")
-    ax.set_title("NTP on small_cnn, MNIST→USPS: every run measured (1 seed)")
+    ax.set_title("NTP on small_cnn, MNIST→USPS: every run measured (seed 0; sim8s1 = seed 1)")
     ax.set_ylim(-3.0, 2.0)
     ax.set_xlim(0, 100)
     ax.legend(fontsize=8, loc="upper left")

@@ -43,8 +43,9 @@ Decisions on the ambiguities of shared/methods/ntp.md §8, and why:
    differentiated through to the weights the attacker starts from (second order, meta-learning style);
    `sim_attack=both` alternates the masked attack and one where pruned weights may regrow. Why: the recovery
    that brings the source back brings the target's fine-tunability back with it (benchmarks/RESULTS.md),
-   and neither NT term sees what fine-tuning does; this one does. Measured on small_cnn MNIST→USPS (1 seed):
-   β 1, 20 recovery epochs: SLC-AUC −1.77 masked / −0.44 free with the source at 89.6 % (plain recovery:
+   and neither NT term sees what fine-tuning does; this one does. Measured on small_cnn MNIST→USPS (seed 0):
+   β 1, 20 recovery epochs: SLC-AUC −1.77 masked / −0.44 free with the source at 89.6 % (seed 1: −1.31 masked
+   at 89.4 %; plain recovery:
    +0.15 at 95.8 %); clip ln K instead of 10 is gentler (−0.50 at 94.4 %). It costs source accuracy and
    is recipe-bound (the masked-only simulation, 8 epochs: −1.49 against the default attack, +0.04
    against SGD lr 0.01, −0.45 against Adam 1e-3), so it is off by
