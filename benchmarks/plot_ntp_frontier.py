@@ -21,7 +21,7 @@ SOURCE_BEFORE = 98.34  # runs/mnist_small.safetensors on the MNIST test set
 
 
 def main() -> None:
-    rows = list(csv.DictReader(open(HERE / "ntp_frontier_small_cnn.csv")))
+    rows = list(csv.DictReader((HERE / "ntp_frontier_small_cnn.csv").read_text().splitlines()))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.fill_between([SOURCE_BEFORE - 1.0, 100], -3.0, -1.7, color="tab:green", alpha=0.15,
                     label="issue #6 bar (ΔS ≤ 1, SLC-AUC ≤ −1.7)")

@@ -44,17 +44,17 @@ Decisions on the ambiguities of shared/methods/ntp.md §8, and why:
    `sim_attack=both` alternates the masked attack and one where pruned weights may regrow. Why: the recovery
    that brings the source back brings the target's fine-tunability back with it (benchmarks/RESULTS.md),
    and neither NT term sees what fine-tuning does; this one does. Measured on small_cnn MNIST→USPS (seed 0):
-   β 1, 20 recovery epochs: SLC-AUC −1.77 masked / −0.44 free with the source at 89.6 % (seed 1: −1.31 masked
-   at 89.4 %; plain recovery:
-   +0.15 at 95.8 %); clip ln K instead of 10 is gentler (−0.50 at 94.4 %). It costs source accuracy and
-   is recipe-bound (the masked-only simulation, 8 epochs: −1.49 against the default attack, +0.04
-   against SGD lr 0.01, −0.45 against Adam 1e-3), so it is off by
-   default; each recovery step costs about `sim_steps` + 2 extra forward/backward passes.
+   β 1, 20 recovery epochs: SLC-AUC −1.77 masked / −0.44 free with the source at 89.6 % (seed 1: −1.31
+   masked at 89.4 %; plain recovery: +0.15 at 95.8 %); clip ln K instead of 10 is gentler (−0.50 at 94.4 %).
+   It costs source accuracy and is recipe-bound (the masked-only simulation, 8 epochs: −1.49 against the
+   default attack, +0.04 against SGD lr 0.01, −0.45 against Adam 1e-3), so it is off by default; each
+   recovery step costs about `sim_steps` + 2 extra forward/backward passes.
 
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -405,9 +405,10 @@ def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.Path
         # Masked recovery: encoder + h_s on source data, and (our choice, decision 9) the same clipped
         # −α·CE_t term on target data, so that recovering the source does not recover the target too.
         mask_dev = mask.to(dev)
-        keep_f = {n: m.to(torch.float32) for n, m in mask_dev.masks.items()}
         sim_clip = cfg.sim_clip if cfg.sim_clip is not None else math.log(art.meta["num_classes"])
-        sim_calls = [0]
+        # which simulated attack each recovery step runs: the mask held (masked), pruned weights free, or both
+        sim_keeps = itertools.cycle({"masked": [mask_dev.masks], "free": [None],
+                                     "both": [mask_dev.masks, None]}[cfg.sim_attack])
 
         def rec_step(item):
             s, t, gen = item
@@ -419,10 +420,8 @@ def protect_ntp(source_model: str | os.PathLike, target: str, out: str | os.Path
             metrics = {"ce_s": float(ce_s.detach()), "ce_t": float(ce_t.detach())}
             if cfg.sim_weight and len(t) >= 4:  # fine-tune on one half of the target batch, score on the other
                 h = len(t) // 2
-                masked = cfg.sim_attack == "masked" or (cfg.sim_attack == "both" and sim_calls[0] % 2 == 0)
-                sim_calls[0] += 1
                 sim = simulated_attack_loss(model, xt[:h], t.y[:h], xt[h:], t.y[h:], cfg.sim_steps, cfg.sim_lr,
-                                            keep_f if masked else None)
+                                            next(sim_keeps))
                 loss = loss - cfg.sim_weight * torch.clamp(sim, max=sim_clip)
                 metrics["sim"] = float(sim.detach())
             if cfg.recovery_lam:  # keep the target features non-discriminative while the source recovers
