@@ -1,9 +1,11 @@
 """The binary mask: the one module every method, attack and converter uses.
 
 A `MaskSet` maps parameter names (as in `model.named_parameters()`) to bool tensors of the same shape;
-True keeps a weight, False prunes it. Masks are applied either by baking (`weight *= mask`, for shipping)
-or by re-zeroing after each optimiser step (`zero_masked_`, for training with a fixed mask): one mechanism,
-no parametrization left in the model, so an exported graph never carries the dense weights.
+True keeps a weight, False prunes it. A fixed mask is applied in place: baked (`weight *= mask`, for
+shipping), and while training by masking gradients before each optimiser step (`mask_grads_`) and
+re-zeroing after it (`zero_masked_`). No parametrization is left in the model, so an exported graph never
+carries the dense weights. Functional code (a learned mask, a differentiable simulated attack) uses
+`masked_params` / `MaskSet.masks` with `torch.func.functional_call`.
 The packed-bit format itself lives in `runtime.maskbits`, shared with the device.
 """
 from __future__ import annotations
@@ -49,13 +51,6 @@ class MaskSet:
         if missing:
             raise EdgeguardError(f"no parameter named {missing[0]!r} in the model")
         return cls({n: torch.ones_like(params[n], dtype=torch.bool) for n in names})
-
-    @classmethod
-    def from_zeros(cls, model: nn.Module, names: Iterable[str] | None = None) -> MaskSet:
-        """The mask implied by the weights' exact zeros (used to re-derive a mask from baked weights)."""
-        params = dict(model.named_parameters())
-        names = list(names) if names is not None else prunable_names(model)
-        return cls({n: params[n].detach() != 0 for n in names})
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -138,6 +133,13 @@ class MaskSet:
 
     def sha256(self) -> str:
         return maskbits.digest(self.pack()[0])
+
+
+def masked_params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: weight · mask} for the masked parameters, differentiable in both (for `functional_call`):
+    MAP's learned straight-through masks use it; a fixed mask in training uses `MaskSet` in place."""
+    params = dict(model.named_parameters())
+    return {n: params[n] * m for n, m in masks.items()}
 
 
 def apply_n_m(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from runtime.fileio import atomic_write_text
 
-from .artifact import build_meta, save_artifact
+from .artifact import save_artifact
+from .card import DomainAccuracy, ModelCard
 from .devices import resolve_device
 from .domains import get_domain
 from .errors import EdgeguardError
@@ -59,12 +60,12 @@ def train_source(
     state = train_classifier(model, train, cfg, checkpoint=ckpt, resume=resume, desc=f"{arch}/{domain}")
     seconds = time.perf_counter() - t0
     acc = evaluate(model, test)
-    meta = build_meta(model, arch=arch, classes=dom.classes, source_domain=domain,
-                      accuracies={domain: acc},
-                      extra={"training": {**asdict(cfg), "device": str(dev), "seconds": round(seconds, 2),
-                                          "history": state.history, "n_train": len(train)}})
-    save_artifact(out, model.cpu(), meta)
-    atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(meta["training"], indent=2))
+    training = {**asdict(cfg), "device": str(dev), "seconds": round(seconds, 2), "history": state.history,
+                "n_train": len(train)}
+    card = ModelCard(arch=arch, classes=list(dom.classes), source_domain=domain,
+                     accuracies=[DomainAccuracy(domain, "source", acc)], training=training)
+    save_artifact(out, model.cpu(), card)
+    atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(training, indent=2))
     ckpt.unlink(missing_ok=True)
     return {"out": str(out), "arch": arch, "domain": domain, "test_accuracy": acc, "epochs": cfg.epochs,
             "seconds": seconds, "images_per_second": cfg.epochs * len(train) / max(seconds, 1e-9)}

@@ -134,6 +134,41 @@ def iterate_batches(data: TensorData, batch_size: int, generator: torch.Generato
         yield TensorData(data.x[idx], data.y[idx])
 
 
+def paired_batches(first: TensorData, second: TensorData, generator: torch.Generator, steps: int,
+                   first_batch: int, second_batch: int | None = None, equal_size: bool = False
+                   ) -> Iterator[tuple[TensorData, TensorData]]:
+    """`steps` pairs (a batch of `first`, a batch of `second`), each side reshuffled whenever it runs out.
+
+    The one way methods pair a source batch with a target batch. Shuffles are drawn lazily from `generator`
+    (first's before second's), so a run is reproducible from (seed, epoch). `equal_size` trims both batches
+    of a pair to the smaller one (losses that compare the two domains sample for sample).
+    """
+    second_batch = second_batch or first_batch
+    its = [iterate_batches(first, first_batch, generator), iterate_batches(second, second_batch, generator)]
+    sources = ((first, first_batch), (second, second_batch))
+    for _ in range(steps):
+        pair = []
+        for i, (data, size) in enumerate(sources):
+            b = next(its[i], None)
+            if b is None:
+                its[i] = iterate_batches(data, size, generator)
+                b = next(its[i])
+            pair.append(b)
+        a, b = pair
+        if equal_size:
+            n = min(len(a), len(b))
+            a, b = TensorData(a.x[:n], a.y[:n]), TensorData(b.x[:n], b.y[:n])
+        yield a, b
+
+
+def inner_recipe(epochs: int, lr: float, batch_size: int, seed: int, device: str | torch.device,
+                 weight_decay: float = 0.0, scheduler: str = "none", augment_shift: int = 0) -> TrainConfig:
+    """A recipe for a loop inside a method. `run_loop` steps augment their own batches (shift 0 here);
+    `train_classifier` augments by the recipe's `augment_shift`."""
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       scheduler=scheduler, seed=seed, device=str(device), augment_shift=augment_shift)
+
+
 @dataclass
 class LoopState:
     epoch: int = 0
@@ -232,6 +267,11 @@ def save_checkpoint(path: Path, modules, opt, sched, state: LoopState, cfg: Trai
     payload["epoch"] = torch.tensor(state.epoch)
     payload["history"] = json.dumps(state.history)
     payload["config"] = _cfg_key(cfg)
+    write_checkpoint(path, payload)
+
+
+def write_checkpoint(path: Path, payload: dict) -> None:
+    """The one writer of resumable state: tensors and strings only (read back with weights_only=True)."""
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

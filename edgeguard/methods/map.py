@@ -8,43 +8,25 @@ one; three settings: source-available, source-free (pseudo-source data), data-fr
 What is OUR design (the paper's recipe was not available to us):
 - the mask: one real score per conv/linear weight (BN and biases frozen, unmasked), hard threshold
   m = 1[S ≥ 0] in the forward pass with a straight-through gradient; scores start at +margin, so the mask
-  starts all-ones and the model starts exactly as the source model;
-- optional sparsity cap (global or per layer: at most that fraction pruned) and a `2:4` structure (keep the
-  2 highest-scoring of every 4 consecutive input weights, AND the learned threshold);
-- BatchNorm stays in eval mode with the source model's running statistics throughout (the masked model is
-  deployed with exactly these statistics);
-- losses: source term = KL distillation from the frozen model (temperature T) + CE when labels exist;
-  target term (bounded, no target labels) = −min(KL(p_frozen ‖ p), clip) (push away from the frozen
-  model's answers, clipped at 3) plus optionally KL(U ‖ p) (towards uniform; off by default: measured on
-  MNIST→USPS it flattens the outputs but keeps their ranking, so target accuracy rose) and optionally
-  CE towards (frozen answer + 1) mod K (`tgt_shift`, off by default: 7.5 % target accuracy but 3–5 points of
-  source accuracy lost on MNIST→USPS);
-  also optionally log K − H(batch-mean target answer) (`tgt_balance`, off: spreading the answers evenly gave
-  some of them their right class back, 39 % target accuracy on MNIST→USPS);
-- a repair phase (`repair_epochs`, 4): after the main phase the scores restart at ±margin from the chosen
-  mask and train on the source terms plus KL(chosen mask's answers ‖ p) on target images (`repair_target`);
-  the selection score is kept, so the repaired mask replaces the chosen one only where it scores better.
-  Measured on MNIST→USPS: source drop 0.61 → 0.43 point, target unchanged (17.9 %: every USPS image goes to
-  class 0, USPS's largest class; `tgt_shift` 0.3 + repair spreads them, 15.3 % target but 0.70 point source);
-- the defender's data per run is capped (20,000 source and 20,000 target images by default): an epoch is one
-  pass over the target images, so an uncapped MNIST target made one run 18 minutes on a 2-core CPU;
-- pseudo-source: BatchNorm-statistics inversion (methods/synthesis.py); in source-free it starts from the
-  defender's target images (labels = the frozen model's answers on them), so the pseudo-source keeps digit
-  content and takes on the source's BN statistics (from noise the source collapsed to 10 %; from target
-  images 49 % on MNIST→USPS: better, still far from the bar); neighbour domains: strong colour, style and
-  frequency perturbations of the pseudo-source.
-Defaults were chosen by measurement on MNIST→USPS with small_cnn (benchmarks/RESULTS.md).
+  starts all-ones and the model starts exactly as the source model; an optional cap on the pruned fraction
+  (global or per layer) and a `2:4` structure;
+- BatchNorm stays in eval mode with the source model's running statistics (the shipped statistics);
+- `map_objective`: KL distillation from the frozen model (+ CE where source labels exist) on source images,
+  minus a per-sample clipped KL away from the frozen model's answers on target images (no target labels);
+- each epoch's hard mask is scored on held-out images (source agreement weighted `select_source_weight`,
+  target agreement) and the best one is kept: the hard mask flips often, the last one is not the best;
+- a repair phase (`repair_objective`): the scores restart from the chosen mask and train on the source terms
+  plus a KL that holds the chosen mask's target answers, so weights the source needs may grow back;
+- pseudo-source for source-free / data-free: BatchNorm-statistics inversion (methods/synthesis.py), started
+  from the defender's target images in source-free; data-free targets are "neighbour domains" made from it.
+Every choice and its measurement: benchmarks/RESULTS.md (MAP sections).
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,78 +34,85 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from runtime.fileio import atomic_write_text, sha256_file
-
-from ..artifact import build_meta, load_artifact, save_artifact
-from ..devices import resolve_device
-from ..domains import get_domain
+from ..config import param
 from ..errors import EdgeguardError
-from ..masks import MaskSet, apply_n_m, prunable_names
-from ..training import (
-    TensorData,
-    TrainConfig,
-    augment,
-    evaluate,
-    iterate_batches,
-    normalize,
-    predict_logits,
-    run_loop,
-)
+from ..masks import MaskSet, apply_n_m, masked_params, prunable_names
+from ..training import TensorData, augment, inner_recipe, normalize, paired_batches, predict_logits, run_loop
+from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 from .synthesis import SynthesisConfig, cached_pseudo_source, neighbour_domains
 
 log = logging.getLogger(__name__)
 SETTINGS = ("source-available", "source-free", "data-free")
+HOLDOUT_SEED_OFFSET = 17  # the held-out selection slices are drawn with seed + 17
+REPAIR_SEED_OFFSET = 1  # the repair phase's batches and augmentation: seed + 1
+NEIGHBOUR_COPIES = 7  # neighbour_domains makes 7 perturbed copies of each pseudo-source image
+
+
+@dataclass(frozen=True)
+class MapExperimental:
+    """Off by default; kept because RESULTS shows a use (a lower target accuracy at a source cost)."""
+
+    tgt_shift: float = param(0.0, "CE towards (frozen answer + 1) mod K on target images: spreads the target "
+                               "answers over wrong classes (costs source accuracy; RESULTS 'MAP target objective')")
 
 
 @dataclass
 class MapConfig:
-    setting: str = "source-available"
-    layers: str = "all"  # all | encoder | head
-    sparsity: float | None = None  # cap: at most this fraction pruned
-    budget: str = "global"  # global | layer (how the cap is applied)
-    structure: str | None = None  # None or "2:4"
-    epochs: int = 12
-    batch_size: int = 128
-    source_batch_ratio: int = 1  # source images per target image in each step (a steadier source gradient)
-    lr: float = 0.01
-    scheduler: str = "none"  # none | cosine (score learning rate)
-    margin: float = 0.1
-    temperature: float = 2.0
-    src_kl: float = 1.0
-    src_ce: float = 1.0  # only where source labels exist
-    src_feat: float = 0.0  # MSE between masked and frozen pooled encoder features on source images
-    select_source_weight: float = 10.0  # mask selection: 10·(1 − source agreement) + target agreement
-    tgt_uniform: float = 0.0  # measured: alone it flattens target outputs but keeps their ranking
-    tgt_away: float = 1.0
-    tgt_shift: float = 0.0  # CE towards (frozen argmax + 1) mod K: spreads target answers over wrong classes
-    tgt_balance: float = 0.0  # log K − H(batch-mean target prediction): stops the target collapsing onto one class
-    clip: float = 3.0
-    repair_epochs: int = 4  # after the main phase: source terms + hold the target answers, weights may regrow
-    repair_target: float = 1.0
-    max_source: int | None = 20000  # defender's source images per run (source-available)
-    max_target: int | None = 20000  # defender's target images per run (an epoch is one pass over them)
-    synth: SynthesisConfig = field(default_factory=SynthesisConfig)
-    seed: int = 0
-    device: str = "auto"
+    setting: str = param("source-available", "which data the defender has", choices=SETTINGS)
+    layers: str = param("all", "which layers are masked", choices=("all", "encoder", "head"))
+    sparsity_cap: float | None = param(None, "at most this fraction of the masked weights is pruned (None: no cap)")
+    budget: str = param("global", "apply the cap over all layers together or per layer",
+                          choices=("global", "layer"))
+    structure: str | None = param(None, "None, or 2:4 (keep 2 of every 4 consecutive input weights)")
+    epochs: int = param(12, "epochs of mask learning (an epoch is one pass over the target images)")
+    batch_size: int = param(128, "target images per step")
+    source_batch_ratio: int = param(1, "source images per target image in each step")
+    lr: float = param(0.01, "Adam learning rate of the mask scores")
+    scheduler: str = param("none", "score learning-rate schedule", choices=("none", "cosine"))
+    margin: float = param(0.1, "initial score magnitude (scores start at +margin: the all-ones mask)")
+    temperature: float = param(2.0, "distillation temperature of the source term")
+    src_kl: float = param(1.0, "weight of the KL distillation on source images")
+    src_ce: float = param(1.0, "weight of the CE on source labels (source-available only)")
+    tgt_away: float = param(1.0, "weight of the clipped KL away from the frozen model's target answers")
+    clip: float = param(3.0, "per-sample clip of that KL")
+    select_source_weight: float = param(10.0, "mask selection score: this·(1 − source agreement) + target "
+                                          "agreement on held-out images (lower is better)")
+    holdout: int = param(1000, "held-out images per domain for the selection (at most a tenth of the source)")
+    augment_shift: int = param(1, "random translation (pixels) of every batch")
+    repair_epochs: int = param(4, "repair phase epochs (0: none)")
+    repair_target: float = param(1.0, "weight of the KL that holds the chosen mask's target answers in repair")
+    max_source: int | None = param(20000, "defender's source images per run (source-available)")
+    max_target: int | None = param(20000, "defender's target images per run (an epoch is one pass over them)")
+    synth: SynthesisConfig = param(factory=SynthesisConfig, help="pseudo-source synthesis (source-free, data-free)")
+    experimental: MapExperimental = param(factory=MapExperimental, help="off-by-default experiments")
+    seed: int = param(0, "seed of the data caps, held-out slices, batch order and augmentation")
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:
             raise EdgeguardError(f"--setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
-        if self.sparsity is not None and not 0 < self.sparsity < 1:
-            raise EdgeguardError(f"--sparsity must be in (0, 1), got {self.sparsity}")
-        if self.budget not in ("global", "layer"):
-            raise EdgeguardError(f"--budget must be global or layer, got {self.budget!r}")
+        if self.sparsity_cap is not None and not 0 < self.sparsity_cap < 1:
+            raise EdgeguardError(f"sparsity_cap must be in (0, 1), got {self.sparsity_cap}")
         if self.structure not in (None, "2:4"):
-            raise EdgeguardError(f"--structure supports only 2:4, got {self.structure!r}")
-        if self.synth.init not in ("auto", "noise", "target"):
-            raise EdgeguardError(f"synth init must be auto, noise or target, got {self.synth.init!r}")
-        if self.scheduler not in ("none", "cosine"):
-            raise EdgeguardError(f"scheduler must be none or cosine, got {self.scheduler!r}")
-        if min(self.tgt_away, self.tgt_uniform, self.tgt_shift, self.tgt_balance, self.src_kl, self.src_ce,
-               self.repair_target, self.repair_epochs) < 0:
+            raise EdgeguardError(f"structure supports only 2:4 (or None), got {self.structure!r}")
+        if min(self.tgt_away, self.src_kl, self.src_ce, self.repair_target, self.repair_epochs,
+               self.experimental.tgt_shift) < 0:
             raise EdgeguardError("loss coefficients must be ≥ 0 (the signs are built into the losses)")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise EdgeguardError("epochs, batch size and learning rate must be positive")
+        if self.epochs < 1 or self.batch_size < 1 or self.source_batch_ratio < 1 or not self.lr > 0:
+            raise EdgeguardError("epochs, batch_size, source_batch_ratio and lr must be positive")
+        if not self.temperature > 0 or not self.clip > 0 or self.holdout < 1 or self.augment_shift < 0:
+            raise EdgeguardError("temperature, clip and holdout must be positive, augment_shift ≥ 0")
+        for name, cap in (("max_source", self.max_source), ("max_target", self.max_target)):
+            if cap is not None and cap < 1:
+                raise EdgeguardError(f"{name} must be ≥ 1 (or None: no cap), got {cap}")
+        self.synth.validate()
+
+
+def map_needs(cfg: MapConfig) -> DataNeeds:
+    if cfg.setting == "source-available":
+        return DataNeeds(source_images=True, source_labels=True, target_images=True)
+    if cfg.setting == "source-free":
+        return DataNeeds(target_images=True)
+    return DataNeeds()
 
 
 def initial_scores(w: torch.Tensor, margin: float, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +139,7 @@ class MaskScores(nn.Module):
         keeps = [s >= 0 for s in ss]
         if self.cfg.structure == "2:4":
             keeps = [k & apply_n_m(s, 2, 4) if s.dim() > 1 else k for k, s in zip(keeps, ss)]
-        if self.cfg.sparsity is not None:
+        if self.cfg.sparsity_cap is not None:
             caps = self._cap_thresholds(ss)
             keeps = [k | (s >= t) for k, s, t in zip(keeps, ss, caps)]
             if self.cfg.structure == "2:4":
@@ -158,7 +147,7 @@ class MaskScores(nn.Module):
         return keeps
 
     def _cap_thresholds(self, ss: list[torch.Tensor]) -> list[torch.Tensor]:
-        q = self.cfg.sparsity
+        q = self.cfg.sparsity_cap
         if self.cfg.budget == "layer":
             return [torch.quantile(s.flatten().float()[: 16_000_000], q) for s in ss]
         flat = torch.cat([s.flatten() for s in ss])
@@ -175,12 +164,11 @@ class MaskScores(nn.Module):
 
 
 def masked_forward(model: nn.Module, scores: MaskScores, x: torch.Tensor) -> torch.Tensor:
-    params = dict(model.named_parameters())
-    subst = {n: params[n] * m for n, m in zip(scores.names, scores.soft_masks())}
-    return functional_call(model, subst, (x,))
+    """The frozen model with the scores' straight-through masks applied (gradients reach the scores)."""
+    return functional_call(model, masked_params(model, dict(zip(scores.names, scores.soft_masks()))), (x,))
 
 
-def source_loss(student_s, teacher_s, y_s, cfg: MapConfig, has_labels: bool):
+def source_objective(student_s, teacher_s, y_s, cfg: MapConfig, has_labels: bool):
     """T²·KL(frozen ‖ masked) on source images, + CE where source labels exist."""
     T = cfg.temperature
     kl_s = F.kl_div(F.log_softmax(student_s / T, 1), F.softmax(teacher_s / T, 1), reduction="batchmean") * T * T
@@ -193,110 +181,74 @@ def source_loss(student_s, teacher_s, y_s, cfg: MapConfig, has_labels: bool):
     return loss, metrics
 
 
-def repair_losses(student_s, teacher_s, y_s, student_t, protected_t, cfg: MapConfig, has_labels: bool):
-    """Repair phase: the source terms, and KL(protected ‖ masked) on target images, which holds the target
-    answers of the mask chosen in the main phase while weights the source needs may grow back."""
-    loss, metrics = source_loss(student_s, teacher_s, y_s, cfg, has_labels)
+def map_objective(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, has_labels: bool):
+    """Main phase: the source terms − tgt_away·mean(min(KL(p_frozen ‖ p), clip)) on target images."""
+    loss, metrics = source_objective(student_s, teacher_s, y_s, cfg, has_labels)
+    logp_t = F.log_softmax(student_t, 1)
+    p_teach = F.softmax(teacher_t, 1)
+    kl_away = (p_teach * (torch.log(p_teach + 1e-12) - logp_t)).sum(1)  # per sample, clipped per sample
+    loss = loss - cfg.tgt_away * torch.clamp(kl_away, max=cfg.clip).mean()
+    metrics["tgt_kl_away"] = float(kl_away.mean().detach())
+    if cfg.experimental.tgt_shift:  # a derangement of the frozen model's own answers (no labels)
+        shifted = (teacher_t.argmax(1) + 1) % student_t.shape[1]
+        ce_shift = F.cross_entropy(student_t, shifted)
+        loss = loss + cfg.experimental.tgt_shift * ce_shift
+        metrics["tgt_shift_ce"] = float(ce_shift.detach())
+    return loss, metrics
+
+
+def repair_objective(student_s, teacher_s, y_s, student_t, protected_t, cfg: MapConfig, has_labels: bool):
+    """Repair phase: the source terms + repair_target·KL(chosen mask's answers ‖ p) on target images, which
+    holds the main phase's target answers while weights the source needs may grow back."""
+    loss, metrics = source_objective(student_s, teacher_s, y_s, cfg, has_labels)
     keep = F.kl_div(F.log_softmax(student_t, 1), F.softmax(protected_t, 1), reduction="batchmean")
     metrics["tgt_keep_kl"] = float(keep.detach())
     return loss + cfg.repair_target * keep, metrics
 
 
-def map_losses(student_s, teacher_s, y_s, student_t, teacher_t, cfg: MapConfig, has_labels: bool):
-    loss, metrics = source_loss(student_s, teacher_s, y_s, cfg, has_labels)
-    logp_t = F.log_softmax(student_t, 1)
-    k = student_t.shape[1]
-    kl_u = (-logp_t.mean(1) - math.log(k)).mean()  # KL(U ‖ p) ≥ 0
-    p_teach = F.softmax(teacher_t, 1)
-    kl_away = (p_teach * (torch.log(p_teach + 1e-12) - logp_t)).sum(1)  # per sample, clipped per sample:
-    loss = loss + cfg.tgt_uniform * kl_u - cfg.tgt_away * torch.clamp(kl_away, max=cfg.clip).mean()
-    metrics.update(tgt_kl_uniform=float(kl_u.detach()), tgt_kl_away=float(kl_away.mean().detach()))
-    if cfg.tgt_balance:  # bounded in [0, log K]: 0 when the batch's target answers are spread evenly
-        p_mean = logp_t.exp().mean(0)
-        gap = math.log(k) + (p_mean * torch.log(p_mean + 1e-12)).sum()
-        loss = loss + cfg.tgt_balance * gap
-        metrics["tgt_balance_gap"] = float(gap.detach())
-    if cfg.tgt_shift:  # a derangement of the frozen model's own answers (no labels); bounded below by 0
-        shifted = (teacher_t.argmax(1) + 1) % k
-        ce_shift = F.cross_entropy(student_t, shifted)
-        loss = loss + cfg.tgt_shift * ce_shift
-        metrics["tgt_shift_ce"] = float(ce_shift.detach())
-    return loss, metrics
-
-
 def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: MapConfig, has_labels: bool,
-               checkpoint: str | os.PathLike | None = None, resume: bool = False) -> tuple[MaskSet, list]:
+               device: torch.device, checkpoints: Checkpoints) -> tuple[MaskSet, list]:
     """Learn the mask on (source, target) batches; the model's weights never change."""
-    cfg.validate()
-    dev = resolve_device(cfg.device)
-    model = model.to(dev).eval()
+    model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     names = prunable_names(model, cfg.layers)
-    scores = MaskScores(model, names, cfg).to(dev)
-    source, target = source.to(dev), target.to(dev)
-    # Mask selection: a held-out slice of the defender's source (or pseudo-source) images and a slice of the
-    # (unlabelled) target images. Each epoch's hard mask is scored by how often it agrees with the frozen
-    # model there; the best epoch's mask is kept (the hard mask flips often, the last one is not the best).
-    g = np.random.default_rng(cfg.seed + 17)
-    n_hold = min(1000, max(1, len(source) // 10))
+    scores = MaskScores(model, names, cfg).to(device)
+    source, target = source.to(device), target.to(device)
+    # Mask selection: held-out slices of the defender's source (or pseudo-source) and target images.
+    g = np.random.default_rng(cfg.seed + HOLDOUT_SEED_OFFSET)
+    n_hold = min(cfg.holdout, max(1, len(source) // 10))
     perm = g.permutation(len(source))
     held_src, source = source.take(perm[:n_hold]), source.take(perm[n_hold:]) if len(source) > n_hold else source
-    held_tgt = target.take(g.permutation(len(target))[:1000])
+    held_tgt = target.take(g.permutation(len(target))[: cfg.holdout])
     with torch.no_grad():
         frozen_src = predict_logits(model, held_src.x).argmax(1)
         frozen_tgt = predict_logits(model, held_tgt.x).argmax(1)
     for i, k in enumerate(scores.keep()):  # the best mask so far, checkpointed with the scores
         scores.register_buffer(f"best_{i}", k.clone())
-    scores.register_buffer("best_score", torch.tensor(float("inf"), device=dev))
+    scores.register_buffer("best_score", torch.tensor(float("inf"), device=device))
     steps = math.ceil(len(target) / cfg.batch_size)  # an epoch is one pass over the target set
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
-                       scheduler=cfg.scheduler, seed=cfg.seed, device=str(dev), augment_shift=0)
 
     def batches(epoch: int, gen: torch.Generator):
-        sb = cfg.batch_size * cfg.source_batch_ratio
-        src_it = iterate_batches(source, sb, gen)
-        tgt_it = iterate_batches(target, cfg.batch_size, gen)
-        for _ in range(steps):
-            try:
-                s = next(src_it)
-            except StopIteration:
-                src_it = iterate_batches(source, sb, gen)
-                s = next(src_it)
-            try:
-                t = next(tgt_it)
-            except StopIteration:
-                tgt_it = iterate_batches(target, cfg.batch_size, gen)
-                t = next(tgt_it)
+        for s, t in paired_batches(source, target, gen, steps, cfg.batch_size * cfg.source_batch_ratio,
+                                   cfg.batch_size):
             yield s, t, gen
 
     protected: dict[str, nn.Module] = {}  # the main phase's masked model, during the repair phase
 
     def step(item):
         s, t, gen = item
-        xs = augment(normalize(s.x), gen, 1)
-        xt = augment(normalize(t.x), gen, 1)
+        xs = augment(normalize(s.x), gen, cfg.augment_shift)
+        xt = augment(normalize(t.x), gen, cfg.augment_shift)
         x = torch.cat([xs, xt])  # BN is in eval mode, so one pass over both domains is exact
         n = len(xs)
-        feats: list[torch.Tensor] = []
-        hook = model.encoder.register_forward_hook(lambda m, i, o: feats.append(o.mean(dim=(2, 3)).float()))
-        try:
-            with torch.no_grad():
-                teach = model(x).float()
-                held = protected["model"](xt).float() if protected else None
-            stud = masked_forward(model, scores, x).float()
-        finally:
-            hook.remove()
+        with torch.no_grad():
+            teach = model(x).float()
+            held = protected["model"](xt).float() if protected else None
+        stud = masked_forward(model, scores, x).float()
         if held is None:
-            loss, metrics = map_losses(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
-        else:
-            loss, metrics = repair_losses(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
-        if cfg.src_feat:
-            feat = F.mse_loss(feats[1][:n], feats[0][:n])
-            loss = loss + cfg.src_feat * feat
-            metrics["src_feat"] = float(feat.detach())
-
-        return loss, metrics
+            return map_objective(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
+        return repair_objective(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
 
     def agreement(data: TensorData, reference: torch.Tensor) -> float:
         with torch.no_grad():
@@ -315,17 +267,18 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         return {"sparsity": ms.sparsity(), "heldout_source_agreement": src_agree,
                 "target_agreement": tgt_agree, "selection_score": score}
 
+    tcfg = inner_recipe(cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, device, scheduler=cfg.scheduler)
     state = run_loop({"scores": scores}, scores.parameters(), tcfg, batches, step, end_of_epoch=end_of_epoch,
-                     checkpoint=checkpoint, resume=resume, desc=f"MAP {cfg.setting}", steps_per_epoch=steps)
+                     checkpoint=checkpoints.path("map"), resume=checkpoints.resume, desc=f"MAP {cfg.setting}",
+                     steps_per_epoch=steps)
     history = state.history
 
     def chosen() -> MaskSet:  # the best mask so far (kept in the scores' buffers, so it is checkpointed)
         return MaskSet({n: getattr(scores, f"best_{i}").clone() for i, n in enumerate(names)})
 
     if cfg.repair_epochs:
-        # Repair: restart the scores at ±margin from the chosen mask and train with the source terms while the
-        # target answers are held at the chosen mask's; the selection score is kept, so a repaired mask
-        # replaces the chosen one only where it scores better.
+        # Repair: restart the scores at ±margin from the chosen mask; the selection score is kept, so a
+        # repaired mask replaces the chosen one only where it scores better.
         held_model = copy.deepcopy(model)
         chosen().bake_(held_model)
         protected["model"] = held_model.eval()
@@ -333,113 +286,49 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
             params = dict(model.named_parameters())
             for i, sc in enumerate(scores.scores):
                 sc.copy_(initial_scores(params[names[i]].detach(), cfg.margin, getattr(scores, f"best_{i}")))
-        rcfg = TrainConfig(epochs=cfg.repair_epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
-                           scheduler=cfg.scheduler, seed=cfg.seed + 1, device=str(dev), augment_shift=0)
+        rcfg = inner_recipe(cfg.repair_epochs, cfg.lr, cfg.batch_size, cfg.seed + REPAIR_SEED_OFFSET, device,
+                            scheduler=cfg.scheduler)
         rstate = run_loop({"scores": scores}, scores.parameters(), rcfg, batches, step, end_of_epoch=end_of_epoch,
-                          checkpoint=repair_checkpoint(checkpoint) if checkpoint else None, resume=resume,
+                          checkpoint=checkpoints.path("map_repair"), resume=checkpoints.resume,
                           desc=f"MAP {cfg.setting} repair", steps_per_epoch=steps)
         history = history + [{**row, "phase": "repair"} for row in rstate.history]
     return chosen().cpu(), history
 
 
-def repair_checkpoint(checkpoint: str | os.PathLike) -> Path:
-    return Path(str(checkpoint) + ".repair")
-
-
 def _cap(d: TensorData, n: int | None, seed: int) -> TensorData:
     if n is None or len(d) <= n:
         return d
-    idx = np.random.default_rng(seed).permutation(len(d))[:n]
-    return d.take(idx)
+    return d.take(np.random.default_rng(seed).permutation(len(d))[:n])
 
 
-def protect_map(source_model: str | os.PathLike, target: str | None, out: str | os.PathLike,
-                cfg: MapConfig | None = None, data_root: str | None = None, resume: bool = False) -> dict:
-    """Run MAP in cfg.setting and write the protected artifact; returns the summary (also in the metadata)."""
-    cfg = cfg or MapConfig()
-    cfg.validate()
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise EdgeguardError(f"--out {out}: the model file must end in .safetensors")
-    dev = resolve_device(cfg.device)
-    art = load_artifact(source_model, dev)
-    if art.mask is not None and art.meta.get("method") not in (None, "none"):
-        raise EdgeguardError(f"{source_model}: already protected ({art.meta['method']}); start from the source model")
-    model = art.model
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    src_name = art.meta["source_domain"]
-    if cfg.setting != "data-free" and not target:
-        raise EdgeguardError(f"--setting {cfg.setting} needs --target DOMAIN (the unauthorised domain)")
-    tgt_dom = get_domain(target, data_root) if target else None
-    if tgt_dom is not None and tgt_dom.num_classes != art.meta["num_classes"]:
-        raise EdgeguardError(f"target {target} has {tgt_dom.num_classes} classes, the model "
-                             f"{art.meta['num_classes']}")
-    synth_history: dict = {}
+def run_map(model: nn.Module, data: ProtectionData, cfg: MapConfig, checkpoints: Checkpoints) -> MethodResult:
+    """MAP in cfg.setting: build the source (real or pseudo) and target (real or neighbour) sets, learn the mask."""
+    notes: dict = {}
     if cfg.setting == "source-available":
-        src_dom = get_domain(src_name, data_root)
-        source = _cap(TensorData.from_numpy(src_dom.train_x, src_dom.train_y), cfg.max_source, cfg.seed)
-        has_labels = True
+        source = _cap(data.source, cfg.max_source, cfg.seed)
     else:
         init = None
-        if cfg.synth.init == "target" or (cfg.synth.init == "auto" and tgt_dom is not None
+        if cfg.synth.init == "target" or (cfg.synth.init == "auto" and data.target is not None
                                           and cfg.setting == "source-free"):
-            if tgt_dom is None:
-                raise EdgeguardError("synth init 'target' needs --target images; data-free has none (use noise)")
-            order = np.random.default_rng(cfg.seed).permutation(len(tgt_dom.train_x))
-            init = tgt_dom.train_x[order[: cfg.synth.n]]
-        xs, ys = cached_pseudo_source(model, art.meta["num_classes"], cfg.synth, str(dev), init_images=init)
+            if data.target is None:
+                raise EdgeguardError("synth.init=target needs target images; data-free has none (use noise)")
+            order = np.random.default_rng(cfg.seed).permutation(len(data.target))
+            init = data.target.x.cpu().numpy()[order[: cfg.synth.n]]
+        xs, ys = cached_pseudo_source(model, data.num_classes, cfg.synth, str(data.device), init_images=init)
         source = TensorData.from_numpy(xs, ys)
-        has_labels = False  # pseudo-labels are the model's own: distillation only
-        synth_history = {"pseudo_source": int(len(ys)), "synth_init": "target" if init is not None else "noise"}
+        notes = {"pseudo_source": int(len(ys)), "synth_init": "target" if init is not None else "noise"}
     if cfg.setting == "data-free":
-        target_train = TensorData.from_numpy(neighbour_domains(source.x.cpu().numpy(), cfg.seed),
-                                             np.zeros(len(source) * 7, np.int64))
+        neighbours = neighbour_domains(source.x.cpu().numpy(), cfg.seed)
+        target = TensorData.from_numpy(neighbours, np.zeros(len(source) * NEIGHBOUR_COPIES, np.int64))
     else:
-        target_train = _cap(TensorData.from_numpy(tgt_dom.train_x, np.zeros(len(tgt_dom.train_y), np.int64)),
-                            cfg.max_target, cfg.seed)  # labels zeroed: MAP never reads target labels
-    ckpt = out.with_name(out.name + ".ckpt")
-    mask, history = learn_mask(model, source, target_train, cfg, has_labels, checkpoint=ckpt, resume=resume)
-    seconds = time.perf_counter() - t0
-
-    accs = _before_after(model, mask, src_name, target, data_root, dev)
-    protected = load_artifact(source_model, dev).model
-    mask.to(dev).bake_(protected)
-    summary = {"setting": cfg.setting, "seconds": round(seconds, 2), "sparsity": mask.sparsity(), **accs}
-    method_cfg = {**asdict(cfg), "synth": asdict(cfg.synth), "losses": {
-        "source": "T²·KL(p_frozen^T ‖ p^T)" + (" + CE" if has_labels else ""),
-        "target": " + ".join(t for c, t in ((cfg.tgt_uniform, f"{cfg.tgt_uniform}·KL(U ‖ p)"),
-                                             (cfg.tgt_away, f"−{cfg.tgt_away}·min(KL(p_frozen ‖ p), {cfg.clip})"),
-                                             (cfg.tgt_shift, f"{cfg.tgt_shift}·CE(p, argmax p_frozen + 1)"),
-                                             (cfg.tgt_balance, f"{cfg.tgt_balance}·(log K − H(mean p))"))
-                             if c) or "none"}}
-    meta = build_meta(protected, arch=art.meta["arch"], classes=art.meta["classes"], source_domain=src_name,
-                      method="map", method_config=method_cfg, arch_args=art.meta.get("arch_args"),
-                      target_domains=[target] if target else [], accuracies=accs,
-                      extra={"protection": {"history": history, "seconds": round(seconds, 2), **synth_history,
-                                            "source_model_sha256": sha256_file(source_model)}})
-    save_artifact(out, protected.cpu(), meta, mask)
-    atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(method_cfg, indent=2, default=str))
-    ckpt.unlink(missing_ok=True)
-    repair_checkpoint(ckpt).unlink(missing_ok=True)
-    return summary
+        target = _cap(data.target, cfg.max_target, cfg.seed)
+    mask, history = learn_mask(model, source, target, cfg, cfg.setting == "source-available", data.device,
+                               checkpoints)
+    protected = copy.deepcopy(model)
+    mask.to(data.device).bake_(protected)
+    return MethodResult(protected, mask, history, notes)
 
 
-
-def _before_after(model: nn.Module, mask: MaskSet, src_name: str, target: str | None, data_root, dev) -> dict:
-    """Source and target test accuracy of the frozen model and of the masked one (where the data exists)."""
-    masked = copy.deepcopy(model)
-    mask.to(dev).bake_(masked)
-    accs: dict[str, float] = {}
-    for role, name in (("source", src_name), ("target", target)):
-        if not name:
-            continue
-        try:
-            d = get_domain(name, data_root)
-        except EdgeguardError:
-            continue
-        test = TensorData.from_numpy(d.test_x, d.test_y, dev)
-        suffix = "" if role == "source" else f":{name}"
-        accs[f"{role}_before{suffix}"] = evaluate(model, test)
-        accs[f"{role}_after{suffix}"] = evaluate(masked, test)
-    return accs
+METHOD = register_method(
+    "map", "MAP (CVPR 2024): frozen source weights, a learned binary mask; source-available, source-free, "
+    "data-free", MapConfig, map_needs, run_map)

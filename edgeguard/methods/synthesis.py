@@ -26,6 +26,7 @@ from runtime.fileio import atomic_path
 
 from ..devices import resolve_device
 from ..domains.base import MEAN, STD
+from ..config import param
 from ..errors import EdgeguardError
 from ..progress import progress
 from ..training import normalize
@@ -33,16 +34,23 @@ from ..training import normalize
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    n: int = 1024
-    batch_size: int = 256
-    iterations: int = 200
-    lr: float = 0.1
-    bn_weight: float = 1.0
-    ce_weight: float = 1.0
-    tv_weight: float = 1e-3
-    l2_weight: float = 1e-4
-    seed: int = 0
-    init: str = "auto"  # auto | noise | target: start from the defender's target images (auto: where there are some)
+    """BatchNorm-inversion recipe for the pseudo-source (MAP source-free and data-free)."""
+
+    n: int = param(1024, "pseudo-source images to synthesise")
+    batch_size: int = param(256, "images optimised together")
+    iterations: int = param(200, "Adam steps per batch")
+    lr: float = param(0.1, "Adam learning rate on the pixels")
+    bn_weight: float = param(1.0, "weight of the BatchNorm-statistics match")
+    ce_weight: float = param(1.0, "weight of the CE towards the sampled (or the model's own) labels")
+    tv_weight: float = param(1e-3, "total-variation smoothness prior")
+    l2_weight: float = param(1e-4, "L2 prior on the pixels")
+    seed: int = param(0, "seed of the noise start and the sampled labels")
+    init: str = param("auto", "start from noise, from the defender's target images, or auto (target where "
+                        "there are some)", choices=("auto", "noise", "target"))
+
+    def validate(self) -> None:
+        if min(self.n, self.batch_size, self.iterations) < 1 or not self.lr > 0:
+            raise EdgeguardError("synth.n, synth.batch_size, synth.iterations and synth.lr must be positive")
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:

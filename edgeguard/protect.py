@@ -1,0 +1,187 @@
+"""The one protection pipeline: `edgeguard protect`, the demo, the benchmarks and the Python API call it.
+
+load and check the source model → prepare the data the method needs → measure before → run the method
+(it only computes) → measure after → write the model file with its card, `OUT.config.json` → clear the
+checkpoints. A killed run resumes from `OUT.ckpt/` with `resume=True`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.fileio import atomic_write_text, sha256_file
+
+from .artifact import load_artifact, save_artifact
+from .card import DomainAccuracy, ModelCard
+from .config import apply_overrides, from_dict
+from .devices import resolve_device
+from .domains import get_domain
+from .errors import EdgeguardError
+from .methods.base import Checkpoints, ProtectionData, config_json, get_method
+from .training import TensorData, evaluate
+
+
+@dataclass
+class ProtectSummary:
+    """What `protect` returns (and `edgeguard protect --json` prints)."""
+
+    out: str
+    method: str
+    seconds: float
+    sparsity: float
+    accuracies: list[DomainAccuracy] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def accuracy(self, domain: str) -> DomainAccuracy | None:
+        return next((a for a in self.accuracies if a.domain == domain), None)
+
+    @property
+    def source(self) -> DomainAccuracy | None:
+        return next((a for a in self.accuracies if a.role == "source"), None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        parts = [f"{self.method.upper()}: sparsity {self.sparsity * 100:.1f}%"]
+        for a in self.accuracies:
+            before = f"{a.before * 100:.2f}% → " if a.before is not None else ""
+            parts.append(f"{a.role} {a.domain} {before}{a.after * 100:.2f}%")
+        parts.append(f"{self.seconds:.0f} s → {self.out}")
+        return ", ".join(parts)
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[str, dict]:
+    """(method name, config dict) from an `OUT.config.json` written by `protect`."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise EdgeguardError(f"--config {p}: no such file") from None
+    except IsADirectoryError:
+        raise EdgeguardError(f"--config {p}: is a folder; give the OUT.config.json file protect wrote") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeguardError(f"--config {p}: not JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("method"), str) or not isinstance(d.get("config"), dict):
+        raise EdgeguardError(f"--config {p}: expected {{\"method\": NAME, \"config\": {{...}}}} as protect writes it")
+    return d["method"], d["config"]
+
+
+def make_config(method: str, config=None, overrides=(), config_file: str | os.PathLike | None = None):
+    """The method's config: the defaults, or `config`, or a config file's, then `KEY=VALUE` overrides; checked."""
+    m = get_method(method)
+    if config_file is not None:
+        file_method, d = read_config_file(config_file)
+        if file_method != m.name:
+            raise EdgeguardError(f"--config {config_file} is a {file_method} config, not {m.name}")
+        config = from_dict(m.config_cls, d, where=str(config_file))
+    cfg = config if config is not None else m.config_cls()
+    if not isinstance(cfg, m.config_cls):
+        raise EdgeguardError(f"method {m.name} takes a {m.config_cls.__name__}, got {type(cfg).__name__}")
+    cfg = apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg
+
+
+def _accuracy(model, domain, device) -> float:
+    return evaluate(model, TensorData.from_numpy(domain.test_x, domain.test_y, device))
+
+
+def _train_split(domain, device, labels: bool) -> TensorData:
+    y = domain.train_y if labels else np.zeros(len(domain.train_y), np.int64)  # unneeded labels never reach it
+    return TensorData.from_numpy(domain.train_x, y, device)
+
+
+def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike, *, target: str | None = None,
+            config=None, overrides=(), config_file: str | os.PathLike | None = None, data_root: str | None = None,
+            device: str = "auto", resume: bool = False) -> ProtectSummary:
+    """Protect `source_model` against reuse on `target` with a registered method; write `out` (.safetensors)."""
+    m = get_method(method)
+    cfg = make_config(method, config, overrides, config_file)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise EdgeguardError(f"--out {out}: the model file must end in .safetensors")
+    if out.exists() and out.is_dir():
+        raise EdgeguardError(f"--out {out}: is a folder; give a .safetensors file name")
+    if out.resolve() == Path(source_model).resolve():
+        raise EdgeguardError(f"--out {out} is the source model itself; write the protected model to a new file")
+    dev = resolve_device(device)
+    art = load_artifact(source_model, dev)
+    card = art.card
+    if card.protected:
+        raise EdgeguardError(f"{source_model}: already protected ({card.method}); start from the source model")
+    needs = m.needs(cfg)
+    if needs.target_images and not target:
+        raise EdgeguardError(f"method {m.name} with these settings needs --target DOMAIN (the unauthorised domain)")
+    if target and target == card.source_domain:
+        raise EdgeguardError(f"--target {target} is the model's authorised (source) domain; give the domain to "
+                             "protect against")
+    tgt_dom = get_domain(target, data_root) if target else None
+    if tgt_dom is not None and tgt_dom.num_classes != card.num_classes:
+        raise EdgeguardError(f"target {target} has {tgt_dom.num_classes} classes, the model {card.num_classes}")
+    if needs.source_images:
+        src_dom = get_domain(card.source_domain, data_root)
+    else:  # the method does without source data; measure the source where it happens to be available
+        try:
+            src_dom = get_domain(card.source_domain, data_root)
+        except EdgeguardError:
+            src_dom = None
+    data = ProtectionData(
+        source=_train_split(src_dom, dev, needs.source_labels) if needs.source_images else None,
+        target=_train_split(tgt_dom, dev, needs.target_labels) if needs.target_images else None,
+        num_classes=card.num_classes, device=dev)
+    model = art.model
+    before = {"source": _accuracy(model, src_dom, dev) if src_dom is not None else None,
+              "target": _accuracy(model, tgt_dom, dev) if tgt_dom is not None else None}
+
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    run_key = json.dumps({"method": m.name, "config": dataclasses.asdict(cfg), "target": target,
+                          "source_model_sha256": sha256_file(source_model)}, sort_keys=True, default=str)
+    _prepare_checkpoints(ckpt_dir, run_key, resume)
+
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    result = m.run(model, data, cfg, Checkpoints(ckpt_dir, resume))
+    seconds = time.perf_counter() - t0
+
+    protected = result.model
+    result.mask.to(dev).bake_(protected)
+    accs = []
+    if src_dom is not None:
+        accs.append(DomainAccuracy(card.source_domain, "source", _accuracy(protected, src_dom, dev), before["source"]))
+    if tgt_dom is not None:
+        accs.append(DomainAccuracy(target, "target", _accuracy(protected, tgt_dom, dev), before["target"]))
+    new_card = dataclasses.replace(
+        card, method=m.name, method_config=dataclasses.asdict(cfg), target_domains=[target] if target else [],
+        accuracies=accs, training=None,
+        protection={"history": result.history, "seconds": round(seconds, 2), "data": needs.describe(),
+                    "source_model_sha256": sha256_file(source_model), **result.notes})
+    save_artifact(out, protected.cpu(), new_card, result.mask)
+    atomic_write_text(out.with_name(out.name + ".config.json"), config_json(m, cfg))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return ProtectSummary(out=str(out), method=m.name, seconds=round(seconds, 2), sparsity=result.mask.sparsity(),
+                          accuracies=accs, config=dataclasses.asdict(cfg))
+
+
+def _prepare_checkpoints(ckpt_dir: Path, run_key: str, resume: bool) -> None:
+    """A fresh checkpoint folder, or (resume) the existing one if it was written by the same run."""
+    key_file = ckpt_dir / "run.json"
+    if resume and key_file.exists():
+        if key_file.read_text() != run_key:
+            raise EdgeguardError(f"{ckpt_dir}: written by a run with other settings, source or target; "
+                                 "delete it or run without --resume")
+        return
+    if ckpt_dir.is_file():  # an older release's single-file checkpoint: not resumable here
+        ckpt_dir.unlink()
+    if ckpt_dir.is_dir() and not resume:
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(key_file, run_key)
