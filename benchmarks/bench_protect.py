@@ -1,6 +1,7 @@
-"""Protect a source model with MAP or NTP, then run the fine-tuning-attack grid; one row per (method, seed).
+"""Protect a source model with a registered method, then run the fine-tuning-attack grid; one row per seed.
 
     python benchmarks/bench_protect.py --method ntp --source runs/mnist_small.safetensors --target usps --seeds 1
+    python benchmarks/bench_protect.py --method ntp ... --config '{"experimental": {"sim_weight": 1}}'
 """
 from __future__ import annotations
 
@@ -15,11 +16,23 @@ from edgeguard.evaluation.attack import parse_attack
 from edgeguard.evaluation.metrics import direct_metrics, mean_std
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import parse_grid
+from edgeguard.protect import protect
+
+
+def flat_overrides(d: dict, prefix: str = "") -> list[str]:
+    """{"synth": {"n": 512}, "epochs": 4} → ["synth.n=512", "epochs=4"] (JSON null → None)."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += flat_overrides(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={'None' if v is None else v}")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", choices=["map", "ntp"], required=True)
+    ap.add_argument("--method", required=True, help="a registered method (`edgeguard methods`)")
     ap.add_argument("--setting", default="source-available")
     ap.add_argument("--source", required=True)
     ap.add_argument("--target", required=True)
@@ -28,7 +41,8 @@ def main() -> None:
     ap.add_argument("--grid", default=None)
     ap.add_argument("--attacks", default="direct-all/masked,direct-all/free",
                     help="comma-separated attacks, or 'none' to measure only the direct (no fine-tuning) metrics")
-    ap.add_argument("--config", default="{}", help="JSON overrides of the method's config")
+    ap.add_argument("--config", default="{}", help="JSON overrides of the method's config (nested objects for "
+                    "nested settings)")
     ap.add_argument("--out", default="runs/bench_protect")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=1, help="attack runs trained at once (processes)")
@@ -41,15 +55,10 @@ def main() -> None:
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         out = Path(a.out) / f"{a.method}_{a.setting}_{Path(a.source).stem}_{a.target}_s{seed}.safetensors"
         t = time.perf_counter()
+        overrides = [f"seed={seed}", *flat_overrides(json.loads(a.config))]
         if a.method == "map":
-            from edgeguard.methods.map import MapConfig, protect_map
-
-            r = protect_map(a.source, a.target, out, MapConfig(setting=a.setting, seed=seed, device=a.device,
-                                                               **json.loads(a.config)))
-        else:
-            from edgeguard.methods.ntp import NtpConfig, protect_ntp
-
-            r = protect_ntp(a.source, a.target, out, NtpConfig(seed=seed, device=a.device, **json.loads(a.config)))
+            overrides.insert(0, f"setting={a.setting}")
+        r = protect(a.method, a.source, out, target=a.target, overrides=overrides, device=a.device)
         secs = time.perf_counter() - t
         slc = ""
         if attacks:
@@ -57,15 +66,16 @@ def main() -> None:
                              grid=parse_grid(a.grid), seeds=1, device=a.device, workers=a.workers)
             res = evaluate_model(out, cfg, out.with_suffix(".report"))
             slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"])
-        tb, ta = r[f"target_before:{a.target}"], r[f"target_after:{a.target}"]
-        d = direct_metrics(r["source_before"], r["source_after"], tb, ta)
+        tgt, src = r.accuracy(a.target), r.source
+        tb, ta = tgt.before, tgt.after
+        d = direct_metrics(src.before, src.after, tb, ta)
         ds = d["delta_s"]
         drops.append(ds)
         targets.append(ta * 100)
         std = "–" if d["st_d"] is None else f"{d['st_d']:.3f}"
         rows.append(f"| {a.method} | {a.setting if a.method == 'map' else '-'} | {Path(a.source).stem}→{a.target} | "
-                    f"{seed} | {secs:.0f} | {r['sparsity'] * 100:.1f}% | {r['source_before'] * 100:.2f}→"
-                    f"{r['source_after'] * 100:.2f} | {ds:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {std} |"
+                    f"{seed} | {secs:.0f} | {r.sparsity * 100:.1f}% | {src.before * 100:.2f}→"
+                    f"{src.after * 100:.2f} | {ds:.2f} | {tb * 100:.1f}→{ta * 100:.1f} | {std} |"
                     + (f" {slc} |" if slc else ""))
     if a.seeds > 1:
         (dm, dsd), (tm, tsd) = mean_std(drops), mean_std(targets)

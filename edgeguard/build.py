@@ -33,9 +33,9 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
     except ValueError as e:
         raise EdgeguardError(str(e)) from None
     art = load_artifact(model_file)
-    meta = art.meta
+    card = art.card
     masks = art.mask.numpy() if art.mask is not None else {}
-    unauth = unauthorised if unauthorised is not None else list(meta.get("target_domains") or [])
+    unauth = unauthorised if unauthorised is not None else list(card.target_domains)
     slc = None
     if report:
         rp = Path(report) / "report.json" if Path(report).is_dir() else Path(report)
@@ -45,10 +45,10 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise EdgeguardError(f"--report {report}: not an edgeguard evaluation report ({e})") from None
     desc = ModelDescription(
-        classes=meta["classes"], masks=masks, method=meta.get("method", "none"),
-        authorised=_samples(meta["source_domain"], samples, data_root),
+        classes=card.classes, masks=masks, method=card.method,
+        authorised=_samples(card.source_domain, samples, data_root),
         unauthorised=[_samples(u, samples, data_root) for u in unauth],
-        mean=tuple(meta["input"]["mean"]), std=tuple(meta["input"]["std"]), scale=meta["input"]["scale"],
+        mean=tuple(card.input.mean), std=tuple(card.input.std), scale=card.input.scale,
         slc_auc=slc)
     try:
         return build_bundle(art.model, desc, out, target=target, sign_key=sign_key, precision=precision)

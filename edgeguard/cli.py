@@ -29,6 +29,17 @@ class _Group(click.Group):
 data_root_option = click.option("--data-root", type=click.Path(file_okay=False), default=None,
                                 help="Folder holding the data sets (default: $EDGEGUARD_DATA_ROOT).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON object on stdout (the human-readable lines go to stderr).")
+
+
+def _say(as_json: bool, line: str) -> None:
+    """A human-readable line: stdout normally, stderr under --json (stdout then carries only the JSON)."""
+    click.echo(line, err=as_json)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,35 +74,35 @@ def train(arch, domain, epochs, out, batch_size, lr, seed, resume, data_root, de
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the model card as JSON.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Show sparsity per layer.")
 def info(file, as_json, layers) -> None:
     """Describe a model file: architecture, method, accuracies, sparsity per layer, mask hash."""
     from .artifact import load_artifact
 
-    art = load_artifact(file)  # full load: also verifies the mask against the weights
-    meta = art.meta
+    card = load_artifact(file).card  # full load: also verifies the mask against the weights
     if as_json:
-        click.echo(json.dumps(meta, indent=2))
+        _emit_json(card.to_dict())
         return
     click.echo(f"file          {file}")
-    click.echo(f"architecture  {meta['arch']} ({meta['num_classes']} classes: {', '.join(meta['classes'])})")
-    click.echo(f"method        {meta['method']}"
-               + (f" ({meta['method_config'].get('setting')})" if meta["method_config"].get("setting") else ""))
-    click.echo(f"source        {meta['source_domain']}")
-    if meta.get("target_domains"):
-        click.echo(f"targets       {', '.join(meta['target_domains'])}")
-    for key, val in meta.get("accuracies", {}).items():
-        click.echo(f"accuracy      {key}: {val * 100:.2f}%")
-    m = meta.get("mask")
-    if not m:
+    click.echo(f"architecture  {card.arch} ({card.num_classes} classes: {', '.join(card.classes)})")
+    setting = card.method_config.get("setting")
+    click.echo(f"method        {card.method}" + (f" ({setting})" if isinstance(setting, str) else ""))
+    click.echo(f"source        {card.source_domain}")
+    if card.target_domains:
+        click.echo(f"targets       {', '.join(card.target_domains)}")
+    for a in card.accuracies:
+        before = f"{a.before * 100:.2f}% → " if a.before is not None else ""
+        click.echo(f"accuracy      {a.role} {a.domain}: {before}{a.after * 100:.2f}%")
+    m = card.mask
+    if m is None:
         click.echo("mask          none (dense model)")
         return
-    click.echo(f"mask sha256   {m['sha256']}")
-    click.echo(f"sparsity      {m['sparsity'] * 100:.2f}% ({m['total'] - m['kept']:,} of {m['total']:,} weights pruned)")
+    click.echo(f"mask sha256   {m.sha256}")
+    click.echo(f"sparsity      {m.sparsity * 100:.2f}% ({m.total - m.kept:,} of {m.total:,} weights pruned)")
     if layers:
-        for name, s in m["sparsity_per_layer"].items():
-            click.echo(f"  {name:<40} {s * 100:6.2f}%")
+        for name, sp in m.sparsity_per_layer.items():
+            click.echo(f"  {name:<40} {sp * 100:6.2f}%")
 
 
 @main.command()
@@ -117,7 +128,7 @@ def domains(data_root) -> None:
 
 @main.command("evaluate")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--target", required=True, help="Unauthorised domain the attacker fine-tunes on.")
+@click.option("--target", required=True, help="Unauthorised domain the attacker fine-tunes on (see `edgeguard domains`).")
 @click.option("--attack", "attacks", multiple=True, default=["direct-all/masked"], show_default=True,
               help="direct-all | direct-head | initfc-all | initfc-head, then /masked or /free. Repeatable.")
 @click.option("--grid", default=None, help="Comma-separated sample ratios (default: NTP's 10-point grid).")
@@ -137,8 +148,9 @@ def domains(data_root) -> None:
               help="Runs trained at once, one process each (they share the CPU cores or the GPU).")
 @data_root_option
 @device_option
+@json_option
 def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
-                 batch_size, max_train, max_test, workers, data_root, device) -> None:
+                 batch_size, max_train, max_test, workers, data_root, device, as_json) -> None:
     """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
     from .evaluation.attack import parse_attack
     from .evaluation.runner import EvalConfig, evaluate_model
@@ -152,125 +164,92 @@ def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, op
     for e in res["attacks"]:
         m, s = e["slc_auc"]
         extra = f" (unprotected {e['unprotected_slc_auc'][0]:+.3f})" if "unprotected_slc_auc" in e else ""
-        click.echo(f"{e['attack']:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
-    click.echo(f"report: {Path(report_dir) / 'report.md'}")
+        _say(as_json, f"{e['attack']:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
+    _say(as_json, f"report: {Path(report_dir) / 'report.md'}")
+    if as_json:
+        _emit_json({**res, "report": str(Path(report_dir) / "report.md")})
+
+
+def _method_names() -> list[str]:
+    from .methods import list_methods
+
+    return [m.name for m in list_methods()]
+
+
+def _print_method_config(ctx, param, value) -> None:
+    """--help-config: every field of the chosen method's config (type, default, meaning), then exit."""
+    if not value or ctx.resilient_parsing:
+        return
+    from .config import format_help
+    from .methods import get_method
+
+    name = ctx.params.get("method")
+    if not name:
+        raise click.UsageError("--help-config needs --method NAME before it")
+    m = get_method(name)
+    click.echo(f"{m.name}: {m.summary}\nneeds: {m.describe_needs()}\nsettings (--set KEY=VALUE):")
+    click.echo(format_help(m.config_cls))
+    ctx.exit(0)
 
 
 @main.command()
-@click.option("--method", type=click.Choice(["map", "ntp"]), required=True, help="Protection method.")
+@click.option("--method", default=None, is_eager=True,
+              help="Protection method (see `edgeguard methods`); default: the one in --config.")
+@click.option("--help-config", is_flag=True, expose_value=False, callback=_print_method_config,
+              help="List every setting of --method (type, default, meaning) and exit.")
 @click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="The trained source model.")
-@click.option("--target", default=None, help="Unauthorised domain (not needed for MAP --setting data-free).")
+@click.option("--target", default=None,
+              help="Unauthorised domain to protect against (not needed by methods that need no target data).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Protected model file to write.")
-@click.option("--setting", type=click.Choice(["source-available", "source-free", "data-free"]),
-              default="source-available", show_default=True, help="MAP: which data the defender has.")
-@click.option("--sparsity", type=float, default=None,
-              help="MAP: cap on the pruned fraction; NTP: the exact sparsity to reach (default 0.9).")
-@click.option("--budget", type=click.Choice(["global", "layer"]), default="global", show_default=True,
-              help="MAP: apply the sparsity cap globally or per layer.")
-@click.option("--structure", type=click.Choice(["2:4"]), default=None, help="MAP: keep 2 of every 4 weights.")
-@click.option("--layers", type=click.Choice(["all", "encoder", "head"]), default="all", show_default=True,
-              help="MAP: which layers are masked.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="MAP epochs / NTP epochs per ADMM iteration.")
-@click.option("--lr", type=float, default=None, help="Learning rate (method default if omitted).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--alpha", type=float, default=None, help="NTP: weight of the target CE term.")
-@click.option("--lam", "lam", type=float, default=None, help="NTP: weight of the Fisher term.")
-@click.option("--rho", type=float, default=None, help="NTP: ADMM penalty.")
-@click.option("--iterations", type=click.IntRange(min=1), default=None, help="NTP: ADMM iterations.")
-@click.option("--recovery-epochs", type=click.IntRange(min=0), default=None, help="NTP: masked source epochs.")
-@click.option("--ntp-loss", type=click.Choice(["fisher", "mmd"]), default=None, help="NTP: loss (mmd = NTL ablation).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--setting", type=click.Choice(["source-available", "source-free", "data-free"]), default=None,
+              help="MAP: which data the defender has (default source-available).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Start from an OUT.config.json that an earlier protect wrote.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Any other MapConfig / NtpConfig field, e.g. --set tgt_shift=1 --set src_kl=2 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt.")
+              help="Any setting of the method, e.g. --set epochs=4 --set synth.n=512 (see --help-config).")
+@click.option("--seed", type=int, default=None, help="Seed of the method (default: its config's, 0).")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written as the method runs).")
 @data_root_option
 @device_option
-def protect(method, source_model, target, out, setting, sparsity, budget, structure, layers, epochs, lr, batch_size,
-            alpha, lam, rho, iterations, recovery_epochs, ntp_loss, seed, overrides, resume, data_root, device) -> None:
-    """Protect a source model against reuse on a target domain (MAP or NTP)."""
-    given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size).items() if v is not None}
-    if method == "map":
-        from .methods.map import MapConfig as _Cfg
-    else:
-        from .methods.ntp import NtpConfig as _Cfg
-    given.update(_parse_overrides(overrides, _Cfg))
-    if method == "map":
-        from .methods.map import MapConfig, protect_map
-        from .methods.synthesis import SynthesisConfig
+@json_option
+def protect(method, source_model, target, out, setting, config_file, overrides, seed, resume, data_root, device,
+            as_json) -> None:
+    """Protect a source model against reuse on an unauthorised domain."""
+    from .protect import protect as run_protect
+    from .protect import read_config_file
 
-        if "synth" in given:
-            given["synth"] = SynthesisConfig(**given["synth"])
-        cfg = MapConfig(**{**dict(setting=setting, sparsity=sparsity, budget=budget, structure=structure,
-                                  layers=layers, seed=seed, device=device), **given})
-        r = protect_map(source_model, target, out, cfg, data_root=data_root, resume=resume)
-    else:
-        from .methods.ntp import NtpConfig, protect_ntp
-
-        extra = {k: v for k, v in dict(alpha=alpha, lam=lam, rho=rho, iterations=iterations, sparsity=sparsity,
-                                       recovery_epochs=recovery_epochs, loss=ntp_loss).items() if v is not None}
-        cfg = NtpConfig(**{**dict(seed=seed, device=device), **extra, **given})
-        r = protect_ntp(source_model, target, out, cfg, data_root=data_root, resume=resume)
-    click.echo(_protect_summary(method, r, out))
+    if method is None:
+        if config_file is None:
+            raise EdgeguardError("give --method NAME (see `edgeguard methods`) or --config FILE")
+        method = read_config_file(config_file)[0]
+    extra = []
+    if setting is not None:
+        if method != "map":
+            raise EdgeguardError(f"--setting is a MAP option; {method} has no setting (see --help-config)")
+        extra.append(f"setting={setting}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    r = run_protect(method, source_model, out, target=target, overrides=[*extra, *overrides],
+                    config_file=config_file, data_root=data_root, device=device, resume=resume)
+    _say(as_json, r.line())
+    if as_json:
+        _emit_json(r.to_dict())
 
 
-def _parse_overrides(items, cfg_cls, prefix: str = "") -> dict:
-    """`KEY=VALUE` strings → typed config fields (type taken from the field's default); clear errors otherwise.
+@main.command("methods")
+@click.argument("name", required=False)
+def methods_cmd(name) -> None:
+    """List the protection methods; with NAME, every setting of that method."""
+    from .config import format_help
+    from .methods import get_method, list_methods
 
-    A dotted key sets a field of a nested config (`synth.n=512` → MapConfig.synth.n); nested values come back
-    as a dict under the outer name, for the caller to build that config from.
-    """
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    nested = {name: f.default_factory for name, f in fields.items()
-              if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
-    out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        outer, dot, inner = key.partition(".")
-        if sep and dot and outer in nested:
-            out.setdefault(outer, {}).update(_parse_overrides([f"{inner}={raw}"], nested[outer], f"{outer}."))
-            continue
-        if not sep or key not in fields or key in nested:
-            names = sorted(prefix + k for k in fields if k not in nested and k != "device")
-            names += [f"{n}.{f.name}" for n, cls in nested.items() for f in dataclasses.fields(cls)]
-            raise EdgeguardError(f"--set {prefix + item!r}: expected KEY=VALUE with KEY one of {', '.join(names)}")
-        f = fields[key]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        try:
-            if raw.strip().lower() == "none" and "None" in str(f.type):
-                value = None
-            elif isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                value = raw.lower() in ("true", "1")
-            elif isinstance(default, int):
-                value = int(raw)
-            elif isinstance(default, float) or (default is None and "float" in str(f.type)):
-                value = None if raw.lower() == "none" else float(raw)
-            elif default is None and "int" in str(f.type):
-                value = None if raw.lower() == "none" else int(raw)
-            elif isinstance(default, str) or default is None:
-                value = None if raw.lower() == "none" else raw
-            else:
-                raise EdgeguardError(f"--set {prefix + key}: this field cannot be set from the command line")
-        except ValueError:
-            raise EdgeguardError(f"--set {prefix + item!r}: {raw!r} is not a valid {type(default).__name__}") from None
-        out[key] = value
-    return out
-
-
-def _protect_summary(method: str, r: dict, out: str) -> str:
-    parts = [f"{method.upper()}: sparsity {r['sparsity'] * 100:.1f}%"]
-    if "source_before" in r:
-        parts.append(f"source {r['source_before'] * 100:.2f}% → {r['source_after'] * 100:.2f}%")
-    for k in r:
-        if k.startswith("target_before:"):
-            name = k.split(":", 1)[1]
-            parts.append(f"target {name} {r[k] * 100:.2f}% → {r['target_after:' + name] * 100:.2f}%")
-    parts.append(f"{r['seconds']:.0f} s → {out}")
-    return ", ".join(parts)
+    if name:
+        m = get_method(name)
+        click.echo(f"{m.name}: {m.summary}\nneeds: {m.describe_needs()}\nsettings (--set KEY=VALUE):")
+        click.echo(format_help(m.config_cls))
+        return
+    for m in list_methods():
+        click.echo(f"  {m.name:<10} {m.summary}")
 
 
 @main.command()
@@ -288,7 +267,7 @@ def synthesize(file, out, n, iterations, neighbours, seed, device) -> None:
 
     art = load_artifact(file)
     cfg = SynthesisConfig(n=n, batch_size=min(n, 256), iterations=iterations, seed=seed)
-    x, y = cached_pseudo_source(art.model, art.meta["num_classes"], cfg, device)
+    x, y = cached_pseudo_source(art.model, art.card.num_classes, cfg, device)
     if neighbours:
         x = neighbour_domains(x, seed)
     order = np.argsort(y, kind="stable") if not neighbours else np.arange(len(x))
@@ -299,7 +278,7 @@ def synthesize(file, out, n, iterations, neighbours, seed, device) -> None:
 @main.command("build")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--target", default="onnx", show_default=True,
-              help="onnx | cpu | tensorrt | jetson-orin (alias jetson) | jetson-xavier.")
+              help="Hardware target: onnx | cpu | tensorrt | jetson-orin (alias jetson) | jetson-xavier.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None, help="Ed25519 private key (PEM).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
@@ -309,13 +288,18 @@ def synthesize(file, out, n, iterations, neighbours, seed, device) -> None:
 @click.option("--unauthorised", multiple=True, help="Unauthorised domains to carry (default: the model's targets).")
 @click.option("--report", type=click.Path(), default=None, help="An evaluation report whose SLC-AUC goes in the manifest.")
 @data_root_option
-def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, data_root) -> None:
+@json_option
+def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, data_root, as_json) -> None:
     """Export a protected model to a signed deployment bundle."""
     from .build import build
 
     r = build(file, out, target=target, sign_key=sign_key, precision=precision, samples=samples,
               data_root=data_root, report=report, unauthorised=list(unauthorised) or None)
     acc = ", ".join(f"{k} {v * 100:.1f}%" for k, v in r["accuracy"].items())
+    if as_json:
+        click.echo(f"bundle {r['bundle']}", err=True)
+        _emit_json(r)
+        return
     click.echo(f"bundle {r['bundle']} ({r['target']}, {r['precision']}, {'signed' if r['signed'] else 'UNSIGNED'}): "
                f"ONNX parity max |Δ| {r['parity']['max_abs_diff']:.1e}; {acc}")
 
@@ -342,8 +326,9 @@ def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, rep
               help="Where each device's validation and latency reports are written.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
               help="Seconds allowed for each remote step.")
+@json_option
 def deploy(bundle, hosts, inventory, public_key, allow_unsigned, rollback, force, jobs, identity, known_hosts,
-           accept_new_host_key, remote_root, remote_python, report_dir, timeout) -> None:
+           accept_new_host_key, remote_root, remote_python, report_dir, timeout, as_json) -> None:
     """Put a bundle onto devices over SSH, validate it there, and switch `current` to it (or --rollback)."""
     from .deploy import fleet
     from .deploy.inventory import load_inventory, parse_host
@@ -363,8 +348,13 @@ def deploy(bundle, hosts, inventory, public_key, allow_unsigned, rollback, force
         if not bundle:
             raise EdgeguardError("give the BUNDLE folder to deploy (or --rollback)")
         results = fleet.deploy(bundle, devices, opts, jobs)
-    click.echo(fleet.format_table(results))
-    click.echo(f"reports: {report_dir}/")
+    _say(as_json, fleet.format_table(results))
+    _say(as_json, f"reports: {report_dir}/")
+    if as_json:
+        import dataclasses
+
+        _emit_json({"ok": all(r.ok for r in results), "report_dir": str(report_dir),
+                    "devices": [dataclasses.asdict(r) for r in results]})
     if not all(r.ok for r in results):
         sys.exit(1)
 
@@ -392,7 +382,8 @@ def models() -> None:
 @click.option("--out", default="edgeguard-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's models and report.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Source training epochs.")
-@click.option("--method", type=click.Choice(["map", "ntp"]), default="map", show_default=True)
+@click.option("--method", type=click.Choice(["map", "ntp"]), default="map", show_default=True,
+              help="Protection method the demo runs.")
 @device_option
 def demo(out, epochs, method, device) -> None:
     """Run the whole chain on the embedded digit sample (CPU, a few minutes)."""

@@ -12,6 +12,8 @@ from pathlib import Path
 from .source import train_source
 
 SOURCE, TARGET = "mnist_sample", "usps_sample"
+# Each method's settings for the embedded sample (2,000 images per domain): small enough for a CPU in minutes.
+DEMO_SETTINGS = {"map": ["epochs=10"], "ntp": ["source_fraction=0.5", "target_fraction=0.5", "iterations=10"]}
 
 
 def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = "auto",
@@ -30,19 +32,14 @@ def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = 
 
     prot = out / f"protected_{method}.safetensors"
     echo(f"[2/5] protect it against {TARGET} with {method.upper()}")
-    if method == "map":
-        from .methods.map import MapConfig, protect_map
+    from .protect import protect
 
-        r = protect_map(out / "source.safetensors", TARGET, prot, MapConfig(epochs=10, device=device))
-    else:
-        from .methods.ntp import NtpConfig, protect_ntp
-
-        r = protect_ntp(out / "source.safetensors", TARGET, prot,
-                        NtpConfig(source_fraction=0.5, target_fraction=0.5, iterations=10, device=device))
-    echo(f"      source {r['source_before'] * 100:.1f}% → {r['source_after'] * 100:.1f}%, target "
-         f"{r['target_before:' + TARGET] * 100:.1f}% → {r['target_after:' + TARGET] * 100:.1f}%, "
-         f"sparsity {r['sparsity'] * 100:.1f}% ({r['seconds']:.0f} s)")
-    summary["protect"] = r
+    r = protect(method, out / "source.safetensors", prot, target=TARGET, overrides=DEMO_SETTINGS.get(method, []),
+                device=device)
+    s, t = r.source, r.accuracy(TARGET)
+    echo(f"      source {s.before * 100:.1f}% → {s.after * 100:.1f}%, target {t.before * 100:.1f}% → "
+         f"{t.after * 100:.1f}%, sparsity {r.sparsity * 100:.1f}% ({r.seconds:.0f} s)")
+    summary["protect"] = r.to_dict()
 
     echo("[3/5] attack: fine-tune protected, unprotected and from-scratch models on target subsets")
     cfg = EvalConfig(target=TARGET, attacks=[AttackRecipe(lr=1e-3, epochs=10, batch_size=64)],

@@ -20,7 +20,7 @@ import torch
 from runtime.fileio import atomic_write_text, sha256_file
 
 from .artifact import load_artifact, save_artifact
-from .card import DomainAccuracy, ModelCard
+from .card import DomainAccuracy
 from .config import apply_overrides, from_dict
 from .devices import resolve_device
 from .domains import get_domain

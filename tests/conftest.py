@@ -49,21 +49,12 @@ def mnist_model(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="session")
 def protected(mnist_model, tmp_path_factory):
-    """The MNIST model with a 30 % magnitude mask on all but the first conv (a stand-in protected model, cheap to make)."""
-    import torch
+    """The MNIST model with a 30 % magnitude mask per layer, first conv dense (a cheap stand-in protected model:
+    the registered `magnitude` baseline, measured against USPS)."""
+    from edgeguard.protect import protect
 
-    from edgeguard.artifact import load_artifact, save_artifact
-    from edgeguard.masks import MaskSet
-
-    art = load_artifact(mnist_model)
-    mask = MaskSet.ones(art.model)
-    for name, m in mask.masks.items():
-        if name == "encoder.0.weight":  # the first conv of this small net is far too sensitive to prune blindly
-            continue
-        w = dict(art.model.named_parameters())[name].detach().abs()
-        m &= w > torch.quantile(w.flatten(), 0.3)
     path = tmp_path_factory.mktemp("prot") / "prot.safetensors"
-    save_artifact(path, art.model, {**art.meta, "method": "magnitude", "target_domains": ["usps"]}, mask)
+    protect("magnitude", mnist_model, path, target="usps", overrides=["sparsity=0.3", "budget=layer"], device="cpu")
     return path
 
 

@@ -4,7 +4,8 @@ import struct
 import pytest
 import torch
 
-from edgeguard.artifact import build_meta, load_artifact, read_meta, save_artifact
+from edgeguard.artifact import load_artifact, read_card, save_artifact
+from edgeguard.card import ModelCard
 from edgeguard.errors import CheckFailed, EdgeguardError
 from edgeguard.masks import MaskSet
 from edgeguard.models import create_model
@@ -17,16 +18,15 @@ def saved(tmp_path):
     mask = MaskSet.ones(model)
     for v in mask.masks.values():
         v[torch.rand(v.shape) < 0.3] = False
-    meta = build_meta(model, arch="small_cnn", classes=[str(i) for i in range(10)], source_domain="mnist",
-                      method="test")
-    path = save_artifact(tmp_path / "m.safetensors", model, meta, mask)
+    card = ModelCard(arch="small_cnn", classes=[str(i) for i in range(10)], source_domain="mnist", method="test")
+    path = save_artifact(tmp_path / "m.safetensors", model, card, mask)
     return path, model, mask
 
 
 def test_roundtrip_bakes_mask(saved):
     path, model, mask = saved
     art = load_artifact(path)
-    assert art.meta["mask"]["sha256"] == mask.sha256()
+    assert art.card.mask.sha256 == mask.sha256() and art.card.method == "test"
     x = torch.randn(4, 3, 32, 32)
     ref = create_model("small_cnn")
     ref.load_state_dict(model.state_dict())
@@ -66,7 +66,7 @@ def test_unknown_version_refused(saved):
     path, *_ = saved
     _rewrite(path, edit_meta=lambda md: md.update(edgeguard_format="9"))
     with pytest.raises(EdgeguardError, match="version '9' is not supported"):
-        read_meta(path)
+        read_card(path)
 
 
 def test_nonzero_masked_weight_refused(saved):
@@ -96,3 +96,45 @@ def test_not_an_artifact(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     with pytest.raises(EdgeguardError):
         load_artifact(tmp_path / "junk.safetensors")
+
+
+def _edit_card(path, edit):
+    def f(md):
+        card = json.loads(md["edgeguard"])
+        edit(card)
+        md["edgeguard"] = json.dumps(card)
+    _rewrite(path, edit_meta=f)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(classes="0123456789"), lambda c: c.pop("classes"), lambda c: c.update(input=None),
+    lambda c: c["input"].update(mean=[0.5]), lambda c: c["input"].update(scale="1/255"),
+    lambda c: c.update(method_config=None), lambda c: c["mask"].update(layout=7),
+    lambda c: c["mask"].update(layout=[["encoder.0.weight", "3x3"]]), lambda c: c["mask"].update(sha256=[1]),
+    lambda c: c.update(accuracies=[{"domain": "mnist", "role": "source", "after": 1e400}]),
+    lambda c: c.update(accuracies={"source_after": 0.9}), lambda c: c.update(arch=["small_cnn"]),
+    lambda c: c.update(target_domains=[None]), lambda c: c["mask"].update(kept="10"),
+])
+def test_edited_card_is_a_one_line_error(saved, edit):
+    """Every edited field is refused with a message naming it, never a traceback from deep inside."""
+    path, *_ = saved
+    _edit_card(path, edit)
+    with pytest.raises(EdgeguardError) as e:
+        load_artifact(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_format_1_file_is_upgraded_on_read(saved):
+    """A file written by the previous release (a free metadata dict with `target_before:NAME` keys) still loads."""
+    path, model, mask = saved
+
+    def to_v1(md):
+        card = json.loads(md["edgeguard"])
+        card["accuracies"] = {"source_before": 0.99, "source_after": 0.98, "target_before:usps": 0.6,
+                              "target_after:usps": 0.1}
+        card["num_classes"] = 10
+        md.update(edgeguard_format="1", edgeguard=json.dumps(card))
+    _rewrite(path, edit_meta=to_v1)
+    card = load_artifact(path).card
+    assert card.source_accuracy.before == 0.99 and card.source_accuracy.after == 0.98
+    assert card.accuracy("usps", "target").after == 0.1 and card.mask.sha256 == mask.sha256()

@@ -43,17 +43,19 @@ def test_console_script_installed():
 
 
 def test_protect_set_overrides_are_typed_and_checked():
-    from edgeguard.cli import _parse_overrides
+    from edgeguard.config import apply_overrides
     from edgeguard.errors import EdgeguardError
     from edgeguard.methods.map import MapConfig
     from edgeguard.methods.ntp import NtpConfig
 
-    got = _parse_overrides(["tgt_shift=1", "max_source=none", "epochs=3", "structure=2:4"], MapConfig)
-    assert got == {"tgt_shift": 1.0, "max_source": None, "epochs": 3, "structure": "2:4"}
-    assert _parse_overrides(["loss=mmd", "alpha=0.5"], NtpConfig) == {"loss": "mmd", "alpha": 0.5}
-    for bad in ("tgt_shfit=1", "epochs=three", "novalue", "synth=3", "synth.nn=3", "synth.n=many"):
+    got = apply_overrides(MapConfig(), ["experimental.tgt_shift=1", "max_source=none", "epochs=3", "structure=2:4"])
+    assert (got.experimental.tgt_shift, got.max_source, got.epochs, got.structure) == (1.0, None, 3, "2:4")
+    got = apply_overrides(NtpConfig(), ["loss=mmd", "alpha=0.5", "experimental.sim_weight=1"])
+    assert (got.loss, got.alpha, got.experimental.sim_weight) == ("mmd", 0.5, 1.0)
+    for bad in ("tgt_shfit=1", "epochs=three", "novalue", "synth=3", "synth.nn=3", "synth.n=many", "setting=nope",
+                "lr=nan", "epochs.x=1", "synth.init=sideways"):
         with pytest.raises(EdgeguardError):
-            _parse_overrides([bad], MapConfig)
-    # a dotted key reaches the nested synthesis config
-    got = _parse_overrides(["synth.n=128", "synth.init=noise", "synth.lr=0.05", "epochs=2"], MapConfig)
-    assert got == {"synth": {"n": 128, "init": "noise", "lr": 0.05}, "epochs": 2}
+            apply_overrides(MapConfig(), [bad])
+    # a dotted key reaches the nested synthesis config; the rest keep their defaults
+    got = apply_overrides(MapConfig(), ["synth.n=128", "synth.init=noise", "synth.lr=0.05", "epochs=2"])
+    assert (got.synth.n, got.synth.init, got.synth.lr, got.synth.iterations, got.epochs) == (128, "noise", 0.05, 200, 2)

@@ -1,4 +1,5 @@
 """Fine-tuning attacks and SLC-AUC on real data (small grids)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -63,7 +64,7 @@ def zeroed_model(mnist_model, tmp_path_factory):
     for v in mask.masks.values():
         v.zero_()
     path = tmp_path_factory.mktemp("zero") / "zero.safetensors"
-    save_artifact(path, art.model, {**art.meta, "method": "all-masked"}, mask)
+    save_artifact(path, art.model, dataclasses.replace(art.card, method="all-masked"), mask)
     return path
 
 

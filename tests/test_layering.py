@@ -28,9 +28,20 @@ def _imports(pkg: str) -> set[str]:
     return found
 
 
+def _modules(pkg: str) -> list[str]:
+    """Every module of a package, sub-packages included (runtime/backends/…)."""
+    out = []
+    for f in sorted((REPO / pkg).rglob("*.py")):
+        parts = list(f.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out.append(".".join(parts))
+    return out
+
+
 def test_runtime_imports_without_torch():
-    mods = sorted("runtime." + p.stem if p.stem != "__init__" else "runtime"
-                  for p in (REPO / "runtime").glob("*.py"))
+    mods = _modules("runtime")
+    assert "runtime.backends.onnxruntime_backend" in mods and "runtime.backends.tensorrt_backend" in mods
     code = BLOCK_TORCH + "".join(f"import {m}\n" for m in mods) + \
         "assert 'torch' not in sys.modules and 'edgeguard' not in sys.modules\nprint('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -5,22 +5,23 @@ import torch
 
 from edgeguard.artifact import load_artifact
 from edgeguard.masks import is_n_m
-from edgeguard.methods.map import MapConfig, protect_map
+from edgeguard.methods.map import MapConfig
 from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize_bn_inversion
+from edgeguard.protect import protect
 
 
 @pytest.fixture(scope="module")
 def map_sa(mnist_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("map") / "map.safetensors"
-    summary = protect_map(mnist_model, "usps", out, MapConfig(device="cpu"))
+    summary = protect("map", mnist_model, out, target="usps", device="cpu")
     return out, summary
 
 
 def test_source_available_map_protects(map_sa):
     out, s = map_sa
-    assert s["source_before"] - s["source_after"] <= 0.01
-    assert s["target_after:usps"] <= 0.20
-    assert s["target_before:usps"] > 0.3  # there was something to protect
+    assert s.source.before - s.source.after <= 0.01
+    assert s.accuracy("usps").after <= 0.20
+    assert s.accuracy("usps").before > 0.3  # there was something to protect
 
 
 def test_kept_weights_are_bit_identical(map_sa, mnist_model):
@@ -34,14 +35,13 @@ def test_kept_weights_are_bit_identical(map_sa, mnist_model):
     for name in state:  # everything that is not masked (BN, biases) is untouched
         if name not in prot.mask.masks:
             assert torch.equal(state[name], src[name]), name
-    assert prot.meta["method"] == "map" and prot.meta["method_config"]["setting"] == "source-available"
+    assert prot.card.method == "map" and prot.card.method_config["setting"] == "source-available"
 
 
 def test_two_four_structure(mnist_model, tmp_path):
     out = tmp_path / "m24.safetensors"
-    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, repair_epochs=1, structure="2:4", max_source=2000,
-                                                     max_target=1000,
-                                                     device="cpu"))
+    protect("map", mnist_model, out, target="usps", device="cpu",
+            overrides=["epochs=1", "repair_epochs=1", "structure=2:4", "max_source=2000", "max_target=1000"])
     art = load_artifact(out)
     for name, m in art.mask.masks.items():
         assert is_n_m(m, 2, 4), name
@@ -50,9 +50,8 @@ def test_two_four_structure(mnist_model, tmp_path):
 
 def test_sparsity_cap(mnist_model, tmp_path):
     out = tmp_path / "cap.safetensors"
-    protect_map(mnist_model, "usps", out, MapConfig(epochs=1, repair_epochs=1, sparsity=0.02, max_source=2000,
-                                                     max_target=1000,
-                                                     device="cpu"))
+    protect("map", mnist_model, out, target="usps", device="cpu",
+            overrides=["epochs=1", "repair_epochs=1", "sparsity_cap=0.02", "max_source=2000", "max_target=1000"])
     assert load_artifact(out).mask.sparsity() <= 0.02 + 1e-6
 
 
@@ -98,7 +97,7 @@ def test_repair_restart_reproduces_the_chosen_mask_and_holds_target_answers():
     """The repair phase restarts the scores from the chosen mask (the same hard mask, with or without 2:4),
     and its target term is zero exactly when the masked model gives the chosen mask's answers."""
     from edgeguard.masks import prunable_names
-    from edgeguard.methods.map import MaskScores, initial_scores, repair_losses
+    from edgeguard.methods.map import MaskScores, initial_scores, repair_objective
     from edgeguard.models import create_model
 
     torch.manual_seed(0)
@@ -122,7 +121,7 @@ def test_repair_restart_reproduces_the_chosen_mask_and_holds_target_answers():
                 assert is_n_m(got, 2, 4)
     logits_s, logits_t = torch.randn(8, 10), torch.randn(8, 10)
     y = torch.randint(0, 10, (8,))
-    held, _ = repair_losses(logits_s, logits_s, y, logits_t, logits_t, MapConfig(src_ce=0), True)
-    moved, m = repair_losses(logits_s, logits_s, y, logits_t + torch.randn(8, 10), logits_t,
+    held, _ = repair_objective(logits_s, logits_s, y, logits_t, logits_t, MapConfig(src_ce=0), True)
+    moved, m = repair_objective(logits_s, logits_s, y, logits_t + torch.randn(8, 10), logits_t,
                              MapConfig(src_ce=0), True)
     assert float(held) < 1e-6 < float(moved) and m["tgt_keep_kl"] > 0

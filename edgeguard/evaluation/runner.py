@@ -26,6 +26,18 @@ from .metrics import direct_metrics, mean_std
 from .slc_auc import DEFAULT_GRID, slc_auc
 
 
+@dataclass(frozen=True)
+class RunJob:
+    """One fine-tuning run of a grid: which model (protected, unprotected, scratch), recipe, seed, ratio; `key`
+    names its line in runs.jsonl and its scratch-cache file."""
+
+    kind: str
+    recipe: AttackRecipe
+    seed: int
+    ratio: float
+    key: str
+
+
 @dataclass
 class EvalConfig:
     target: str
@@ -87,10 +99,10 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
     art = load_artifact(model_path, dev)
     ref = load_artifact(unprotected, dev) if unprotected else None
     dom = get_domain(cfg.target, cfg.data_root)
-    if dom.num_classes != art.meta["num_classes"]:
+    if dom.num_classes != art.card.num_classes:
         raise EdgeguardError(f"target {cfg.target} has {dom.num_classes} classes but the model "
-                             f"{art.meta['num_classes']}; the attack needs the same label space")
-    if ref is not None and (ref.meta["arch"] != art.meta["arch"]):
+                             f"{art.card.num_classes}; the attack needs the same label space")
+    if ref is not None and (ref.card.arch != art.card.arch):
         raise EdgeguardError("--unprotected must be the same architecture as the protected model")
     if cfg.seeds < 1:
         raise EdgeguardError("--seeds must be at least 1")
@@ -101,31 +113,30 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
     ref_sha = hashlib.sha256(Path(unprotected).read_bytes()).hexdigest() if unprotected else None
     data_key = {"domain": cfg.target, "max_train": cfg.max_train, "max_test": cfg.max_test}
 
-    jobs = []
+    jobs: list[RunJob] = []
     for recipe in cfg.attacks:
         for seed in range(cfg.seeds):
             for ratio in cfg.grid:
-                jobs.append(("protected", recipe, seed, ratio, _key({"m": model_sha, "r": recipe.key(), "s": seed,
-                                                                     "ratio": ratio, **data_key})))
+                jobs.append(RunJob("protected", recipe, seed, ratio,
+                                   _key({"m": model_sha, "r": recipe.key(), "s": seed, "ratio": ratio, **data_key})))
                 if ref is not None:
-                    jobs.append(("unprotected", recipe, seed, ratio,
-                                 _key({"m": ref_sha, "r": recipe.key(), "s": seed, "ratio": ratio, **data_key})))
+                    jobs.append(RunJob("unprotected", recipe, seed, ratio,
+                                       _key({"m": ref_sha, "r": recipe.key(), "s": seed, "ratio": ratio, **data_key})))
     for recipe in {json.dumps(_recipe_for_scratch(r), sort_keys=True): r for r in cfg.attacks}.values():
         for seed in range(cfg.seeds):
             for ratio in cfg.grid:
-                jobs.append(("scratch", recipe, seed, ratio,
-                             _key({"arch": art.meta["arch"], "arch_args": art.meta.get("arch_args", {}),
-                                   "r": _recipe_for_scratch(recipe), "s": seed, "ratio": ratio, **data_key})))
+                jobs.append(RunJob("scratch", recipe, seed, ratio,
+                                   _key({"arch": art.card.arch, "arch_args": art.card.arch_args,
+                                         "r": _recipe_for_scratch(recipe), "s": seed, "ratio": ratio, **data_key})))
 
     log = RunLog(report_dir / "runs.jsonl")
     cache_dir = _scratch_cache()
     todo = []
     for job in jobs:
-        kind, key = job[0], job[4]
-        if key in log.done:
+        if job.key in log.done:
             continue
-        cache_file = cache_dir / f"{key}.json"
-        if kind == "scratch" and cache_file.exists():
+        cache_file = cache_dir / f"{job.key}.json"
+        if job.kind == "scratch" and cache_file.exists():
             try:
                 log.add({**json.loads(cache_file.read_text()), "cached": True})
                 continue
@@ -173,20 +184,20 @@ class _Context:
     device: str
 
 
-def _run_job(ctx: _Context, job: tuple) -> dict:
-    kind, recipe, seed, ratio, key = job
+def _run_job(ctx: _Context, job: RunJob) -> dict:
     t = time.perf_counter()
-    if kind == "scratch":
-        meta = ctx.art.meta
-        start = scratch_model(meta["arch"], meta["num_classes"], seed, meta.get("arch_args"))
-        point = run_point(start, None, ctx.train, ctx.test, ratio,
-                          AttackRecipe(**{**recipe.key(), "train": "all", "head": "kept"}), seed, ctx.num_classes,
-                          ctx.device)
+    if job.kind == "scratch":
+        card = ctx.art.card
+        start = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args)
+        point = run_point(start, None, ctx.train, ctx.test, job.ratio,
+                          AttackRecipe(**{**job.recipe.key(), "train": "all", "head": "kept"}), job.seed,
+                          ctx.num_classes, ctx.device)
     else:
-        src = ctx.art if kind == "protected" else ctx.ref
-        point = run_point(src.model, src.mask, ctx.train, ctx.test, ratio, recipe, seed, ctx.num_classes, ctx.device)
-    return {"key": key, "kind": kind, "attack": recipe.name if kind != "scratch" else "scratch",
-            "recipe": recipe.key(), **point, "seconds": round(time.perf_counter() - t, 3)}
+        src = ctx.art if job.kind == "protected" else ctx.ref
+        point = run_point(src.model, src.mask, ctx.train, ctx.test, job.ratio, job.recipe, job.seed, ctx.num_classes,
+                          ctx.device)
+    return {"key": job.key, "kind": job.kind, "attack": job.recipe.name if job.kind != "scratch" else "scratch",
+            "recipe": job.recipe.key(), **point, "seconds": round(time.perf_counter() - t, 3)}
 
 
 _WORKER: _Context | None = None
@@ -205,7 +216,7 @@ def _worker_init(model_path, unprotected, cfg: EvalConfig, threads: int) -> None
                        TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev))
 
 
-def _worker_run(job: tuple) -> dict:
+def _worker_run(job: RunJob) -> dict:
     return _run_job(_WORKER, job)
 
 
@@ -219,7 +230,7 @@ def _run_parallel(model_path, unprotected, cfg: EvalConfig, todo: list, finished
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(str(model_path), str(unprotected) if unprotected else None, cfg, threads)) as pool:
         # longest runs (largest ratios) first, so no worker is left with a big one at the end
-        futures = [pool.submit(_worker_run, job) for job in sorted(todo, key=lambda j: -j[3])]
+        futures = [pool.submit(_worker_run, job) for job in sorted(todo, key=lambda j: -j.ratio)]
         try:
             for fut in as_completed(futures):
                 finished(fut.result())
@@ -230,29 +241,32 @@ def _run_parallel(model_path, unprotected, cfg: EvalConfig, todo: list, finished
             raise
 
 
-def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs, log: RunLog, dom_name: str,
+def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs: list[RunJob], log: RunLog, dom_name: str,
               test: TensorData) -> dict:
-    rows = {key: log.done[key] for *_, key in jobs}
+    rows = {j.key: log.done[j.key] for j in jobs}
+
+    def same_recipe(j: RunJob, recipe: AttackRecipe) -> bool:
+        if j.kind == "scratch":
+            return _recipe_for_scratch(j.recipe) == _recipe_for_scratch(recipe)
+        return j.recipe == recipe
 
     def curves(kind: str, recipe: AttackRecipe) -> list[list[float]]:
-        out = []
-        for seed in range(cfg.seeds):
-            out.append([rows[k]["accuracy"] for kd, r, s, _, k in jobs if kd == kind and s == seed
-                        and (kd == "scratch" and _recipe_for_scratch(r) == _recipe_for_scratch(recipe)
-                             or kd != "scratch" and r == recipe)])
-        return out
+        return [[rows[j.key]["accuracy"] for j in jobs if j.kind == kind and j.seed == seed and same_recipe(j, recipe)]
+                for seed in range(cfg.seeds)]
+
+    def protected_runs(recipe: AttackRecipe) -> list[RunJob]:
+        return [j for j in jobs if j.kind == "protected" and j.recipe == recipe]
 
     attacks = []
     for recipe in cfg.attacks:
         prot, scr = curves("protected", recipe), curves("scratch", recipe)
         per_seed = [slc_auc(cfg.grid, p, s) for p, s in zip(prot, scr)]
         entry = {"attack": recipe.name, "recipe": recipe.key(), "ratios": list(cfg.grid),
-                 "n": [rows[k]["n"] for kd, r, s, _, k in jobs if kd == "protected" and r == recipe and s == 0],
+                 "n": [rows[j.key]["n"] for j in protected_runs(recipe) if j.seed == 0],
                  "protected": prot, "scratch": scr,
                  "slc_auc": mean_std(d["slc_auc"] for d in per_seed),
                  "slc_auc_normalised": mean_std(d["slc_auc_normalised"] for d in per_seed),
-                 "regrown_weights": [rows[k].get("regrown_weights", 0) for kd, r, _, _, k in jobs
-                                     if kd == "protected" and r == recipe]}
+                 "regrown_weights": [rows[j.key].get("regrown_weights", 0) for j in protected_runs(recipe)]}
         if ref is not None:
             unp = curves("unprotected", recipe)
             entry["unprotected"] = unp
@@ -261,8 +275,8 @@ def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs, log: R
 
     direct = None
     target_after = evaluate(art.model, test)
-    acc_meta = art.meta.get("accuracies", {})
-    src_name = art.meta.get("source_domain")
+    card = art.card
+    src_name = card.source_domain
     source_after = source_before = target_before = None
     try:
         src_dom = get_domain(src_name, cfg.data_root).subset(None, cfg.max_test)
@@ -274,12 +288,15 @@ def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs, log: R
         pass
     if ref is not None:
         target_before = evaluate(ref.model, test)
-    source_before = source_before if source_before is not None else acc_meta.get("source_before")
-    target_before = target_before if target_before is not None else acc_meta.get(f"target_before:{dom_name}")
+    if source_before is None and card.source_accuracy is not None:
+        source_before = card.source_accuracy.before
+    recorded = card.accuracy(dom_name, "target")
+    if target_before is None and recorded is not None:
+        target_before = recorded.before
     if None not in (source_before, source_after, target_before):
         direct = direct_metrics(source_before, source_after, target_before, target_after)
-    return {"model": str(art.path), "arch": art.meta["arch"], "method": art.meta.get("method"),
+    return {"model": str(art.path), "arch": card.arch, "method": card.method,
             "source_domain": src_name, "target": dom_name, "seeds": cfg.seeds, "grid": list(cfg.grid),
-            "sparsity": (art.meta.get("mask") or {}).get("sparsity", 0.0), "target_accuracy_direct": target_after,
+            "sparsity": card.mask.sparsity if card.mask else 0.0, "target_accuracy_direct": target_after,
             "source_accuracy": source_after, "direct": direct, "attacks": attacks,
             "unprotected_model": str(ref.path) if ref is not None else None}

@@ -48,7 +48,15 @@ from ..config import param
 from ..errors import EdgeguardError
 from ..masks import MaskSet, prunable_names
 from ..progress import progress
-from ..training import TensorData, augment, inner_recipe, normalize, paired_batches, run_loop, train_classifier
+from ..training import (
+    TensorData,
+    augment,
+    inner_recipe,
+    normalize,
+    paired_batches,
+    run_loop,
+    train_classifier,
+)
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from torch import nn
 
 from runtime.fileio import atomic_path
 
+from ..config import param
 from ..devices import resolve_device
 from ..domains.base import MEAN, STD
-from ..config import param
 from ..errors import EdgeguardError
 from ..progress import progress
 from ..training import normalize
