@@ -3,11 +3,10 @@ on authorised-domain samples. Works for TensorRT 10 and 11 alike (Q/DQ nodes car
 
 Weights are quantised symmetrically per channel (zero point 0), so a masked 0 stays exactly 0 in int8;
 `remap_initializers` points the mask at the quantised weight tensors for the integrity check.
-The first convolution and the final classifier stay in float (the usual practice): measured on a protected
-small_cnn, quantising them too dropped top-1 agreement with fp32 from 98 % to 85 %. Only Conv/Gemm/MatMul
-are quantised (pooling stays float: +0.3 point of agreement on the dense MNIST small_cnn). MinMax calibration:
-Percentile (99.99) and Entropy measured no better (97.5 / 99.0 % against MinMax's 99.0 % on 200 samples).
-Activations are symmetric int8 too, as TensorRT's explicit quantisation requires.
+The first convolution and the final classifier stay in float (the usual practice; quantising them too cost
+much top-1 agreement with fp32). Only Conv/Gemm/MatMul are quantised, pooling stays float. MinMax
+calibration (Percentile and Entropy measured no better). Activations are symmetric int8 too, as TensorRT's
+explicit quantisation requires. Numbers: benchmarks/RESULTS.md, "int8".
 """
 from __future__ import annotations
 

@@ -14,17 +14,16 @@ class Target:
     jetpack: str | None
     workspace_mb: int
     dla: bool
-    on_device_engine: bool  # True: the engine is built on the device by build_engine.sh
 
 
 TARGETS = {
-    "onnx": Target("onnx", "onnxruntime", "fp32", None, None, None, 0, False, False),
-    "cpu": Target("cpu", "onnxruntime", "fp32", None, None, None, 0, False, False),
-    "tensorrt": Target("tensorrt", "tensorrt", "fp16", None, None, None, 2048, False, False),
+    "onnx": Target("onnx", "onnxruntime", "fp32", None, None, None, 0, False),
+    "cpu": Target("cpu", "onnxruntime", "fp32", None, None, None, 0, False),
+    "tensorrt": Target("tensorrt", "tensorrt", "fp16", None, None, None, 2048, False),
     # JetPack 6.x ships TensorRT 10.3; Orin is compute capability 8.7 (with DLA cores on AGX/NX).
-    "jetson-orin": Target("jetson-orin", "tensorrt", "fp16", "8.7", "10.3", "6.x", 1024, False, True),
+    "jetson-orin": Target("jetson-orin", "tensorrt", "fp16", "8.7", "10.3", "6.x", 1024, False),
     # JetPack 5.x ships TensorRT 8.5/8.6; Xavier is compute capability 7.2.
-    "jetson-xavier": Target("jetson-xavier", "tensorrt", "fp16", "7.2", "8.5", "5.x", 1024, False, True),
+    "jetson-xavier": Target("jetson-xavier", "tensorrt", "fp16", "7.2", "8.5", "5.x", 1024, False),
 }
 ALIASES = {"jetson": "jetson-orin"}
 

@@ -59,3 +59,37 @@ def test_protect_set_overrides_are_typed_and_checked():
     # a dotted key reaches the nested synthesis config; the rest keep their defaults
     got = apply_overrides(MapConfig(), ["synth.n=128", "synth.init=noise", "synth.lr=0.05", "epochs=2"])
     assert (got.synth.n, got.synth.init, got.synth.lr, got.synth.iterations, got.epochs) == (128, "noise", 0.05, 200, 2)
+
+
+def test_methods_protect_json_and_config_roundtrip(tmp_path):
+    """`edgeguard methods` lists three; protect --json prints one JSON object on stdout; --config reads back
+    the OUT.config.json it wrote; bad settings and a source-domain target are one-line errors (exit 2)."""
+    import json
+
+    from edgeguard.source import train_source
+
+    src = tmp_path / "src.safetensors"
+    train_source("small_cnn", "mnist_sample", src, epochs=1, device="cpu", max_train=256)
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    r = runner.invoke(main, ["methods"])
+    assert r.exit_code == 0 and all(m in r.output for m in ("map", "ntp", "magnitude"))
+    r = runner.invoke(main, ["methods", "ntp"])
+    assert r.exit_code == 0 and "experimental.sim_weight" in r.output and "float" in r.output
+    r = runner.invoke(main, ["protect", "--method", "map", "--help-config"])
+    assert r.exit_code == 0 and "synth.n" in r.output and "sparsity_cap" in r.output
+    out = tmp_path / "mag.safetensors"
+    args = ["protect", "--method", "magnitude", "--source-model", str(src), "--target", "usps_sample",
+            "--set", "sparsity=0.3", "--device", "cpu"]
+    r = runner.invoke(main, [*args, "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["method"] == "magnitude" and got["config"]["sparsity"] == 0.3
+    r = runner.invoke(main, ["protect", "--config", f"{out}.config.json", "--source-model", str(src),
+                             "--out", str(tmp_path / "again.safetensors"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["sparsity"] == pytest.approx(got["sparsity"])
+    for bad in (["--set", "sparsity=lots"], ["--set", "nope=1"], ["--setting", "source-free"]):
+        r = runner.invoke(main, [*args, "--out", str(tmp_path / "bad.safetensors"), *bad])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    r = runner.invoke(main, ["protect", "--method", "map", "--source-model", str(src), "--target", "mnist_sample",
+                             "--out", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "authorised (source) domain" in r.output

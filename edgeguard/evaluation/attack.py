@@ -40,6 +40,7 @@ class AttackRecipe:
     weight_decay: float = 8e-4
     epochs: int = 30
     batch_size: int = 128
+    augment_shift: int = 0  # random translation (pixels) of the attacker's batches; NTP's recipe has none
 
     def validate(self) -> None:
         for field, val, allowed in (("train", self.train, ("all", "head")), ("head", self.head, ("kept", "reinit")),
@@ -56,10 +57,15 @@ class AttackRecipe:
     def train_config(self, seed: int, device: str) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, scheduler="none",
-                           augment_shift=0, seed=seed, device=device)
+                           augment_shift=self.augment_shift, seed=seed, device=device)
 
     def key(self) -> dict:
-        return asdict(self)
+        """The recipe as a dict: names runs in runs.jsonl and the scratch cache (a field at its original
+        default is left out, so keys written before the field existed still match)."""
+        d = asdict(self)
+        if d["augment_shift"] == 0:
+            del d["augment_shift"]
+        return d
 
 
 def parse_attack(spec: str, **recipe) -> AttackRecipe:

@@ -17,7 +17,7 @@ _DESCRIPTIONS: dict[str, str] = {}
 
 
 class Classifier(nn.Module):
-    """encoder → head. `features(x)` gives the pooled encoder output used by feature-space losses."""
+    """encoder (image → feature map) → head (pooling + classifier), addressed by name by NTP and the attacks."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module, arch: str, num_classes: int):
         super().__init__()
@@ -28,9 +28,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.encoder(x), 1), 1)
 
 
 def register_model(name: str, description: str) -> Callable:
