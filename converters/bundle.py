@@ -19,10 +19,13 @@ from runtime.fileio import sha256_file
 from runtime.manifest import (
     SCHEMA_VERSION,
     DomainCheck,
+    EngineSpec,
     FileEntry,
     InputSpec,
     Manifest,
     MaskSpec,
+    Protection,
+    SlcAucEntry,
     TargetProfile,
 )
 
@@ -190,8 +193,8 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
     if prof.name == "tensorrt" and build_local_engine and tensorrt_build.is_available():
         info = tensorrt_build.build_engine(model_path, tmp / "model.engine", precision, sparse_24,
                                            prof.workspace_mb, tmp / "timing.cache")
-        engine_info = {"file": "model.engine", "sha256": sha256_file(tmp / "model.engine"),
-                       "tensorrt_version": info["tensorrt_version"], "compute_capability": None}
+        engine_info = EngineSpec(file="model.engine", sha256=sha256_file(tmp / "model.engine"),
+                                 tensorrt_version=info["tensorrt_version"])
     (tmp / "README.txt").write_text(_readme(prof.name, precision))
     if runtime_wheel:  # the device can install the runtime from the bundle itself, offline
         write_wheel(tmp / "runtime")
@@ -216,7 +219,10 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
                              compute_capability=prof.compute_capability, tensorrt_version=prof.tensorrt_version,
                              jetpack=prof.jetpack, workspace_mb=prof.workspace_mb, dla=prof.dla,
                              sparse_weights=sparse_24),
-        files=files, engine=engine_info, slc_auc=desc.slc_auc, opset=onnx_export.OPSET)
+        files=files, engine=engine_info, opset=onnx_export.OPSET,
+        slc_auc={k: SlcAucEntry(float(v["slc_auc"]), str(v["target"])) for k, v in desc.slc_auc.items()}
+        if desc.slc_auc else None,
+        protection=protection_record(desc, _sparsity(masks)))
     raw = manifest.to_json().encode()
     (tmp / "manifest.json").write_bytes(raw)
     if sign_key is not None:
@@ -227,6 +233,18 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
     result.update(signed=sign_key is not None, sparse_24=sparse_24, model_bytes=model_path.stat().st_size,
                   target=prof.name, engine_built=engine_info is not None)
     return result
+
+
+def protection_record(desc: ModelDescription, sparsity: float) -> Protection:
+    """What the manifest says about the protection (the device prints it before anything else)."""
+    if desc.method in ("none", "") or not desc.masks:
+        return Protection(False, "none", "none: this model is not protected (no protection method was applied)")
+    line = f"{desc.method}: {sparsity * 100:.1f} % of the masked layers' weights pruned"
+    if desc.slc_auc:
+        line += "; SLC-AUC " + ", ".join(f"{k} {v['slc_auc']:+.2f} on {v['target']}" for k, v in desc.slc_auc.items())
+    else:
+        line += "; no fine-tuning evaluation attached (build --report)"
+    return Protection(True, desc.method, line)
 
 
 def _readme(target: str, precision: str) -> str:

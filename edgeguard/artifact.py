@@ -78,7 +78,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise EdgeguardError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise EdgeguardError(f"{path}: is a folder, expected an edgeguard .safetensors file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise EdgeguardError(f"{path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise EdgeguardError(f"{path}: not a safetensors file (header is not an object)")
@@ -112,7 +112,7 @@ def read_card(path: str | os.PathLike) -> ModelCard:
                              f"(it reads versions {', '.join(READABLE_VERSIONS)}); upgrade edgeguard")
     try:
         raw = json.loads(md["edgeguard"])
-    except (KeyError, TypeError, json.JSONDecodeError, RecursionError):
+    except (KeyError, TypeError, ValueError, RecursionError):  # ValueError: bad JSON, a 5000-digit integer
         raise EdgeguardError(f"{path}: the edgeguard metadata is missing or not JSON") from None
     if version == "1":
         raw = upgrade_v1(raw)
@@ -143,8 +143,11 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         mask.verify(state, where=str(path))
     try:
         model = create_model(card.arch, card.num_classes, **card.arch_args)
-    except TypeError as e:
-        raise EdgeguardError(f"{path}: arch_args do not fit architecture {card.arch!r} ({e})") from None
+    except EdgeguardError as e:
+        raise EdgeguardError(f"{path}: {e}") from None
+    except Exception as e:  # arch_args the architecture does not take, or values it cannot use
+        raise EdgeguardError(f"{path}: arch_args do not fit architecture {card.arch!r} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -98,19 +98,32 @@ class ModelCard:
 
 # --- strict parsing ------------------------------------------------------------------------------------------
 def _fail(where: str, key: str, want: str, got) -> EdgeguardError:
-    shown = repr(got)
+    shown = ascii(got) if not isinstance(got, (dict, list)) else type(got).__name__
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return EdgeguardError(f"{where}: field {key!r} must be {want}, got {shown}; the file was edited or is damaged")
 
 
 def _name(v, where: str, key: str) -> str:
-    if not isinstance(v, str) or not v or len(v) > MAX_NAME or "\x00" in v:
-        raise _fail(where, key, f"a non-empty string of at most {MAX_NAME} characters", v)
+    ok = isinstance(v, str) and 0 < len(v) <= MAX_NAME and "\x00" not in v
+    if ok:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate
+            ok = False
+    if not ok:
+        raise _fail(where, key, f"a non-empty UTF-8 string of at most {MAX_NAME} characters", v)
     return v
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _number(v, where: str, key: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) \
             or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
         raise _fail(where, key, f"a finite number{rng}", v)

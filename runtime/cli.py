@@ -1,6 +1,10 @@
 """`edgeguard-runtime validate | bench | predict`: the device side (argparse: no host dependencies).
 
-Exit codes: 0 every check passed, 1 a check failed, 2 bad input (missing file, bad JSON, wrong key).
+Every command verifies the bundle first (signature with --public-key, or --allow-unsigned for a bench test;
+hashes; no unlisted files; mask), so nothing runs a tampered bundle. Exit codes: 0 every check passed,
+1 a check failed ("FAILED: …": a signature that does not verify, a modified file, an accuracy bound, an
+engine TensorRT cannot load), 2 bad input ("error: …": a missing file, malformed JSON, a file that is not a
+key, a bad option).
 """
 from __future__ import annotations
 
@@ -20,21 +24,39 @@ def _backend(args, manifest, bundle: Path):
                        input_name=manifest.input.input_name, output_name=manifest.input.output_name)
 
 
-def cmd_validate(args) -> int:
+def _verified(args):
+    """The bundle's manifest after every integrity check (the same for validate, bench and predict)."""
     from .integrity import verify_bundle
+
+    if args.report:
+        rp = Path(args.report)
+        if rp.is_dir():
+            raise BundleError(f"--report {rp}: is a folder; give a file name for the JSON report")
+    return verify_bundle(Path(args.bundle), args.public_key, args.engine, require_signature=not args.allow_unsigned)
+
+
+def _fail_line(e: BundleError) -> str:
+    return f"{'FAILED' if isinstance(e, IntegrityError) else 'error'}: {e}"
+
+
+def cmd_validate(args) -> int:
     from .measure import accuracy, load_validation
 
     bundle = Path(args.bundle)
     report: dict = {"bundle": str(bundle), "checks": [], "ok": False}
     try:
-        manifest, checks = verify_bundle(bundle, args.public_key, args.engine, require_signature=not args.allow_unsigned)
+        manifest, checks = _verified(args)
+        prot = next(c for c in checks if c.name == "protection")
+        print(f"  {'ok' if prot.ok else 'NOTE':<5} {'protection':<12} {prot.detail}")
+        report["protection"] = prot.detail
+        report["protected"] = prot.ok
         report["checks"] = [c.__dict__ for c in checks]
         backend = _backend(args, manifest, bundle)
         report["backend"] = backend.describe()
         failures = []
         results = []
         for dc, role in [(manifest.authorised, "authorised")] + [(u, "unauthorised") for u in manifest.unauthorised]:
-            x, y = load_validation(bundle / dc.file)
+            x, y = load_validation(bundle / dc.file, manifest.input)
             acc = accuracy(backend, x, y, manifest.input)
             row = {"domain": dc.name, "role": role, "samples": int(len(y)), "accuracy": acc,
                    "host_accuracy": dc.accuracy, "min_accuracy": dc.min_accuracy, "max_accuracy": dc.max_accuracy}
@@ -53,31 +75,37 @@ def cmd_validate(args) -> int:
         report["error"] = str(e)
         report["exit_code"] = e.exit_code
         _write(args, report)
-        print(f"FAILED: {e}", file=sys.stderr)
+        print(_fail_line(e), file=sys.stderr)
         return e.exit_code
     _write(args, report)
     for c in report["checks"]:
-        print(f"  ok    {c['name']:<12} {c['detail']}")
+        if c["name"] != "protection":
+            print(f"  ok    {c['name']:<12} {c['detail']}")
     for r in report["accuracy"]:
         bound = (f"≥ {r['min_accuracy'] * 100:.1f}%" if r["min_accuracy"] is not None else
                  f"≤ {r['max_accuracy'] * 100:.1f}%" if r["max_accuracy"] is not None else "")
         print(f"  {'ok' if not any(r['domain'] in f for f in failures) else 'FAIL':<5} {r['role']:<12} "
               f"{r['domain']}: {r['accuracy'] * 100:.2f}% on {r['samples']} samples {bound}")
-    print(("PASSED" if code == 0 else "FAILED: " + "; ".join(failures)) + f"  ({report['backend']['backend']})")
+    if code == 0:
+        print(f"PASSED  ({report['backend']['backend']})")
+    else:  # the verdict of a failed check goes to stderr, one line, like every other failure
+        print(f"FAILED: {'; '.join(failures)}  ({report['backend']['backend']})", file=sys.stderr)
     return code
 
 
 def _write(args, report: dict) -> None:
     if getattr(args, "report", None):
-        atomic_write_text(args.report, json.dumps(report, indent=2))
+        try:
+            atomic_write_text(args.report, json.dumps(report, indent=2))
+        except OSError as e:
+            raise BundleError(f"--report {args.report}: cannot write ({e.strerror})") from None
 
 
 def cmd_bench(args) -> int:
-    from .manifest import load_manifest
     from .measure import latency
 
     bundle = Path(args.bundle)
-    manifest, _ = load_manifest(bundle)
+    manifest, _ = _verified(args)
     backend = _backend(args, manifest, bundle)
     rows = [latency(backend, manifest.input, b, args.iterations, args.warmup) for b in (1, args.batch)]
     result = {"backend": backend.describe(), "results": rows}
@@ -89,11 +117,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .manifest import load_manifest
     from .measure import load_images, preprocess, softmax
 
     bundle = Path(args.bundle)
-    manifest, _ = load_manifest(bundle)
+    manifest, _ = _verified(args)
     x = load_images(args.images, manifest.input)
     backend = _backend(args, manifest, bundle)
     probs = softmax(backend.run(preprocess(x, manifest.input)))
@@ -106,27 +133,46 @@ def cmd_predict(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options are one line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _count(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= v <= 1_000_000:
+            raise argparse.ArgumentTypeError(f"{v} is out of range ({low}…1000000)")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeguard-runtime", description="Verify and measure edgeguard bundles on a "
-                                "device (no PyTorch).")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="edgeguard-runtime", description="Verify and measure edgeguard bundles on a device (no "
+                "PyTorch).")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def common(sp):
         sp.add_argument("bundle", help="Bundle folder (manifest.json, model.onnx, ...).")
         sp.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
         sp.add_argument("--engine", default=None, help="TensorRT engine file built on this device.")
         sp.add_argument("--report", default=None, help="Write the JSON report here.")
+        sp.add_argument("--public-key", default=None, help="The vendor's Ed25519 public key (PEM).")
+        sp.add_argument("--allow-unsigned", action="store_true", help="Skip the signature check (bench tests only).")
 
     v = sub.add_parser("validate", help="Integrity checks, then accuracy against the manifest's bounds.")
     common(v)
-    v.add_argument("--public-key", default=None, help="The vendor's Ed25519 public key (PEM).")
-    v.add_argument("--allow-unsigned", action="store_true", help="Skip the signature check (bench tests only).")
     v.set_defaults(fn=cmd_validate)
     b = sub.add_parser("bench", help="Latency p50/p95/p99 and throughput at batch 1 and a larger batch.")
     common(b)
-    b.add_argument("--batch", type=int, default=32)
-    b.add_argument("--iterations", type=int, default=100)
-    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--batch", type=_count(1), default=32)
+    b.add_argument("--iterations", type=_count(1), default=100)
+    b.add_argument("--warmup", type=_count(0), default=10)
     b.set_defaults(fn=cmd_bench)
     r = sub.add_parser("predict", help="Class and probability for image files.")
     common(r)
@@ -139,12 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except IntegrityError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return 1
-    except BundleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except BundleError as e:  # IntegrityError included: "FAILED", exit 1
+        print(_fail_line(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

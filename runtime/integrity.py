@@ -1,10 +1,14 @@
-"""Bundle integrity: signature, file hashes, mask hash, "mask zeros ⊆ weight zeros", engine compatibility.
+"""Bundle integrity: signature, file hashes, no unlisted files, mask hash, "mask zeros ⊆ weight zeros",
+engine compatibility.
 
-Each check yields a `Check(name, ok, detail)`; `verify_bundle` raises IntegrityError at the first failure
-(with the check's name and where it failed) unless `collect=True`.
+Order matters: the signature is checked over manifest.json's raw bytes before the manifest is parsed, and
+nothing in the bundle is opened before the manifest says what it is. Each check yields a
+`Check(name, ok, detail)`; `verify_bundle` raises IntegrityError (exit 1) or BundleError (exit 2) at the
+first failure, with one line that names the check.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +16,11 @@ import numpy as np
 
 from . import maskbits
 from .fileio import sha256_file
-from .manifest import BundleError, IntegrityError, Manifest, load_manifest, load_public_key, verify_signature
+from .manifest import BundleError, IntegrityError, Manifest, load_public_key, read_manifest
+
+# Files a device writes into a bundle folder itself (not in the signed manifest): the engine and caches.
+DEVICE_FILES = frozenset({"model.engine", "timing.cache"})
+SIGNED_FILES = frozenset({"manifest.json", "manifest.sig"})
 
 
 @dataclass
@@ -23,10 +31,42 @@ class Check:
 
 
 def _inside(bundle: Path, rel: str) -> Path:
-    p = (bundle / rel).resolve()
-    if bundle.resolve() not in p.parents and p != bundle.resolve():
+    """The listed file, which must be a regular file inside the bundle (symlinks may not leave it)."""
+    try:
+        root = bundle.resolve()
+        p = (bundle / rel).resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name the OS refuses
+        raise IntegrityError(f"files: {rel!r} cannot be resolved ({type(e).__name__}: a symlink loop?)") from None
+    if root not in p.parents:
         raise IntegrityError(f"files: {rel!r} points outside the bundle")
     return p
+
+
+def _sha256_of(path: Path, rel: str) -> str:
+    try:
+        if not path.exists():
+            raise IntegrityError(f"files: {rel} is listed in the manifest but missing")
+        if not path.is_file():
+            raise IntegrityError(f"files: {rel} is not a regular file")
+        return sha256_file(path)
+    except OSError as e:
+        raise IntegrityError(f"files: cannot read {rel} ({e.strerror or type(e).__name__})") from None
+
+
+def unlisted_files(bundle: Path, manifest: Manifest) -> list[str]:
+    """Files in the bundle folder that the signed manifest does not list (nor the device wrote itself)."""
+    listed = {manifest.model.path, manifest.mask.file, manifest.authorised.file,
+              *(f.path for f in manifest.files), *(u.file for u in manifest.unauthorised)}
+    if manifest.engine is not None:
+        listed.add(manifest.engine.file)
+    extra = []
+    for root, dirs, files in os.walk(bundle, followlinks=False):
+        rel_root = Path(root).relative_to(bundle)
+        for name in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            rel = (rel_root / name).as_posix()
+            if rel not in listed and rel not in SIGNED_FILES and rel not in DEVICE_FILES:
+                extra.append(rel)
+    return sorted(extra)
 
 
 def onnx_initializers(model_path: Path, names: set[str] | None = None) -> dict[str, np.ndarray]:
@@ -67,40 +107,33 @@ def verify_bundle(bundle: str | Path, public_key: str | Path | None = None, engi
                   require_signature: bool = True) -> tuple[Manifest, list[Check]]:
     """Run every integrity check; raise IntegrityError (exit 1) or BundleError (exit 2) on the first failure."""
     bundle = Path(bundle)
-    manifest, raw = load_manifest(bundle)
-    checks: list[Check] = []
-
-    sig_path = bundle / "manifest.sig"
-    if public_key is not None:
-        key = load_public_key(public_key)
-        if not sig_path.exists():
-            raise IntegrityError("signature: manifest.sig is missing")
-        verify_signature(raw, sig_path.read_bytes(), key)
-        checks.append(Check("signature", True, "manifest.sig verifies (Ed25519)"))
-    elif require_signature:
-        raise BundleError("no --public-key given: the device must check the vendor's signature "
-                          "(pass --public-key vendor.pub, or --allow-unsigned for a bench test)")
-    else:
-        checks.append(Check("signature", True, "not checked (--allow-unsigned)"))
+    key = load_public_key(public_key) if public_key is not None else None
+    manifest, _ = read_manifest(bundle, key, require_signature=require_signature)  # authenticated, then parsed
+    checks: list[Check] = [Check("signature", True, "manifest.sig verifies (Ed25519)" if key is not None
+                                 else "not checked (--allow-unsigned)")]
+    checks.append(Check("protection", manifest.protection is not None and manifest.protection.protected,
+                        manifest.protection.summary if manifest.protection is not None
+                        else "not stated (a schema-1 bundle)"))
 
     for entry in [manifest.model, *manifest.files]:
-        path = _inside(bundle, entry.path)
-        if not path.exists():
-            raise IntegrityError(f"files: {entry.path} is listed in the manifest but missing")
-        digest = sha256_file(path)
+        digest = _sha256_of(_inside(bundle, entry.path), entry.path)
         if digest != entry.sha256:
             raise IntegrityError(f"files: sha256 of {entry.path} does not match the manifest (file {digest[:16]}…, "
                                  f"manifest {entry.sha256[:16]}…): the file was modified")
-    checks.append(Check("files", True, f"{1 + len(manifest.files)} files match their sha256"))
-
     for check in [manifest.authorised, *manifest.unauthorised]:
-        p = _inside(bundle, check.file)
-        if not p.exists() or sha256_file(p) != check.sha256:
-            raise IntegrityError(f"files: validation set {check.file} is missing or modified")
+        if _sha256_of(_inside(bundle, check.file), check.file) != check.sha256:
+            raise IntegrityError(f"files: validation set {check.file} was modified")
+    try:
+        extra = unlisted_files(bundle, manifest)
+    except OSError as e:
+        raise IntegrityError(f"files: cannot list the bundle ({e.strerror})") from None
+    if extra:
+        raise IntegrityError(f"files: {len(extra)} file(s) the signed manifest does not list, first {extra[0]!r}; "
+                             "a bundle carries nothing else (remove it, or rebuild the bundle)")
+    checks.append(Check("files", True, f"{1 + len(manifest.files)} files match their sha256; nothing unlisted"))
 
     bits_path = _inside(bundle, manifest.mask.file)
-    if not bits_path.exists():
-        raise IntegrityError(f"mask: {manifest.mask.file} is missing")
+    _sha256_of(bits_path, manifest.mask.file)
     bits = bits_path.read_bytes()
     if maskbits.digest(bits) != manifest.mask.sha256:
         raise IntegrityError(f"mask: sha256 of {manifest.mask.file} does not match the manifest")
@@ -124,23 +157,26 @@ def check_engine(engine: Path, manifest: Manifest) -> Check:
     """An engine file must exist, be non-trivial, and (where TensorRT is here) match its version and GPU."""
     from .backends import tensorrt_backend
 
-    if not engine.exists():
-        raise BundleError(f"{engine}: engine file not found")
+    if not engine.is_file():
+        raise BundleError(f"{engine}: engine file not found" if not engine.exists() else f"{engine}: not a file")
     size = engine.stat().st_size
     if size < 1024:
         raise IntegrityError(f"engine: {engine} is only {size} bytes: truncated")
-    info = manifest.engine or {}
-    if info.get("sha256") and sha256_file(engine) != info["sha256"]:
+    if not tensorrt_backend.is_available():  # an engine nobody here can load proves nothing: never a pass
+        raise IntegrityError(f"engine: --engine {engine.name} given, but TensorRT (the tensorrt Python package, "
+                             "cuda-python and a CUDA GPU) cannot load here; validate without --engine to check "
+                             "the ONNX model, or install TensorRT")
+    info = manifest.engine
+    if info is not None and engine.name == Path(info.file).name and sha256_file(engine) != info.sha256:
         raise IntegrityError(f"engine: sha256 of {engine.name} does not match the manifest")
     ver = tensorrt_backend.trt_version()
-    want_ver = info.get("tensorrt_version") or manifest.target.tensorrt_version
+    want_ver = (info.tensorrt_version if info else None) or manifest.target.tensorrt_version
     if ver and want_ver and ver.split(".")[:2] != str(want_ver).split(".")[:2]:
         raise IntegrityError(f"engine: built for TensorRT {want_ver}, this device has {ver}; rebuild with "
                              "build_engine.sh")
     cc = tensorrt_backend.device_compute_capability()
-    want_cc = info.get("compute_capability") or manifest.target.compute_capability
+    want_cc = (info.compute_capability if info else None) or manifest.target.compute_capability
     if cc and want_cc and cc != want_cc:
         raise IntegrityError(f"engine: built for compute capability {want_cc}, this GPU is {cc}; rebuild with "
                              "build_engine.sh")
-    return Check("engine", True, f"{engine.name}: {size:,} bytes"
-                 + ("" if ver else " (TensorRT not installed: version and GPU not checked)"))
+    return Check("engine", True, f"{engine.name}: {size:,} bytes, TensorRT {ver}, GPU {cc or 'unknown'}")

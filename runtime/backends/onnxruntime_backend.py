@@ -17,6 +17,8 @@ class OnnxRuntimeBackend:
                  output_name: str = "logits"):
         import onnxruntime as ort
 
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()  # a camera sends nothing anywhere
         available = ort.get_available_providers()
         wanted = providers or [p for p in PREFERRED if p in available]
         missing = [p for p in wanted if p not in available]
@@ -29,8 +31,12 @@ class OnnxRuntimeBackend:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
-        self.input_name = self.session.get_inputs()[0].name if input_name not in \
-            [i.name for i in self.session.get_inputs()] else input_name
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.input_name = input_name if input_name in inputs else inputs[0]
+        if output_name not in outputs:
+            raise BundleError(f"{model_path.name}: the manifest names output {output_name[:60]!r}, the model has "
+                              f"{', '.join(outputs)}")
         self.output_name = output_name
         self.providers = self.session.get_providers()
 
