@@ -4,10 +4,13 @@ no half bundle. The same inputs give the same model.onnx bytes and the same mani
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import glob
 import io
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import maskbits
-from runtime.fileio import sha256_file
+from runtime.fileio import current_umask, fsync_dir, sha256_file
 from runtime.manifest import (
     SCHEMA_VERSION,
     DomainCheck,
@@ -113,23 +116,104 @@ def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, targ
                          "(or int8)")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        summary = _build_into(tmp, model, desc, prof, precision, sign_key, build_local_engine, runtime_wheel)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _refuse_foreign(out_dir)
+    with _build_lock(out_dir):
+        _clear_leftovers(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+        try:
+            summary = _build_into(tmp, model, desc, prof, precision, sign_key, build_local_engine, runtime_wheel)
+            swap_into_place(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the previous bundle
     summary["bundle"] = str(out_dir)
     return summary
+
+
+def is_bundle(path: Path) -> bool:
+    """An edgeguard bundle folder (what `build` may replace): a manifest.json our converters wrote."""
+    try:
+        import json
+
+        m = json.loads((path / "manifest.json").read_text())
+        return isinstance(m, dict) and str(m.get("producer", "")).startswith("edgeguard")
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """`--out` may be new, an empty folder, or an edgeguard bundle; never anything else (it would be lost).
+    Raises ValueError (bad input), not BuildError."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ValueError(f"--out {out_dir} exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_bundle(out_dir):
+        raise ValueError(f"--out {out_dir} is a folder with other contents, not an edgeguard bundle; refusing to "
+                         "replace it (choose another --out, or empty it yourself)")
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path):
+    """One build per output at a time, so leftovers found under the lock are a killed build's."""
+    lock = out_dir.with_name(f".{out_dir.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): builds are not serialised there
+            pass
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"another build is writing {out_dir} now; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _clear_leftovers(out_dir: Path) -> None:
+    """Temp folders of killed builds (`.NAME.XXXXXXXX`); a previous bundle a killed older release left only as
+    `.NAME.old` is put back first."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.is_dir() and not out_dir.exists() and is_bundle(old):
+        os.replace(old, out_dir)
+    for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the OS cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def swap_into_place(new: Path, out_dir: Path) -> None:
+    """Put the finished bundle at `out_dir`: a rename when there is none yet, else one atomic exchange, so a
+    kill at any moment leaves either the old or the new bundle there, never nothing. `new` then holds the
+    old bundle (the caller removes it)."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+    elif not _rename_exchange(new, out_dir):  # no renameat2: the brief two-rename window of older releases
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(new, out_dir)
+        os.replace(old, new)
+    fsync_dir(out_dir.parent)
 
 
 def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, sign_key, build_local_engine,

@@ -19,8 +19,7 @@ def generate_keypair(prefix: str | os.PathLike) -> tuple[Path, Path]:
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     prefix = Path(prefix)
     kp, pp = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
-    atomic_write_bytes(kp, priv)
-    os.chmod(kp, 0o600)
+    atomic_write_bytes(kp, priv, private=True)  # 0600 from its first byte on disk
     atomic_write_bytes(pp, pub)
     return kp, pp
 

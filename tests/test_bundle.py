@@ -241,3 +241,49 @@ def test_runtime_bad_input_is_one_line_exit_2(bundle, keys, tmp_path):
         (b / "manifest.json").write_text(json.dumps(m))
         r = _run("validate", b, "--allow-unsigned")
         assert r.returncode == 2 and ("safe file name" in r.stderr or "string" in r.stderr), r.stderr
+
+
+def test_build_never_deletes_what_it_did_not_write(protected, tmp_path):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"precious")
+    from edgeguard.errors import EdgeguardError
+
+    with pytest.raises(EdgeguardError, match="not an edgeguard bundle"):
+        build(protected, mine, samples=20)
+    assert (mine / "holiday.jpg").read_bytes() == b"precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgeguardError, match="not a folder"):
+        build(protected, tmp_path / "file", samples=20)
+
+
+def test_replacing_a_bundle_has_no_empty_window(protected, tmp_path, monkeypatch):
+    """A kill just before or just after the swap leaves a complete bundle at --out (the old or the new one);
+    the temp folders killed builds leave are cleared by the next build."""
+    import converters.bundle as cb
+
+    out = tmp_path / "b"
+    build(protected, out, samples=20)
+    first = (out / "manifest.json").read_bytes()
+    real = cb.swap_into_place
+
+    def killed_before(new, dst):
+        raise KeyboardInterrupt
+
+    def killed_after(new, dst):
+        real(new, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cb, "swap_into_place", killed_before)
+    monkeypatch.setattr(cb.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL: no cleanup runs either
+    with pytest.raises(KeyboardInterrupt):
+        build(protected, out, samples=30)
+    assert (out / "manifest.json").read_bytes() == first and _run("validate", out, "--allow-unsigned").returncode == 0
+    monkeypatch.setattr(cb, "swap_into_place", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        build(protected, out, samples=30)
+    assert (out / "manifest.json").read_bytes() != first and _run("validate", out, "--allow-unsigned").returncode == 0
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]  # the killed builds' leftovers
+    monkeypatch.undo()
+    build(protected, out, samples=20)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
