@@ -128,3 +128,54 @@ def test_head_only_attack_keeps_encoder(mnist_model, data_root):
                       AttackRecipe(train="head", head="reinit", epochs=1), seed=0, device="cpu")
     for (k, a), b in zip(art.model.encoder.state_dict().items(), tuned.encoder.state_dict().values()):
         assert torch.equal(a, b.cpu()), k
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live descendants of `pid`, read from /proc (Linux)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_killed_evaluate_leaves_no_worker_behind(mnist_model, tmp_path):
+    """`evaluate --workers 2`, parent killed with SIGKILL: its workers and the resource tracker go too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "edgeguard.cli", "evaluate", str(mnist_model), "--target", "usps",
+                          "--grid", "0.2,0.5,1.0", "--workers", "2", "--report", str(tmp_path / "r"),
+                          "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "EDGEGUARD_CACHE": str(tmp_path / "cache")})
+    deadline = time.time() + 120
+    kids: set[int] = set()
+    while time.time() < deadline and len(kids) < 3:  # 2 workers + the resource tracker
+        time.sleep(0.5)
+        kids = _descendants(p.pid)
+    assert len(kids) >= 2, "the workers never started"
+    time.sleep(3)  # let the workers finish their start-up
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 20
+    alive = kids
+    while time.time() < deadline and alive:
+        time.sleep(0.5)
+        alive = {k for k in kids if os.path.exists(f"/proc/{k}") and
+                 open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"}
+    assert not alive, f"left behind: {alive}"

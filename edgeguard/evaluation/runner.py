@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,11 +204,36 @@ def _run_job(ctx: _Context, job: RunJob) -> dict:
 _WORKER: _Context | None = None
 
 
-def _worker_init(model_path, unprotected, cfg: EvalConfig, threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive the evaluation that started it (a killed `evaluate` leaves no orphans):
+    the kernel's parent-death signal on Linux, and a watchdog thread everywhere."""
+    import signal
+    import threading
+
+    if sys.platform == "linux":
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_init(model_path, unprotected, cfg: EvalConfig, threads: int, parent: int) -> None:
     """Each worker process loads the models and the target data once, then takes runs."""
     global _WORKER
     import torch
 
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     dev = resolve_device(cfg.device)
     dom = get_domain(cfg.target, cfg.data_root).subset(cfg.max_train, cfg.max_test)
@@ -228,7 +254,8 @@ def _run_parallel(model_path, unprotected, cfg: EvalConfig, todo: list, finished
     workers = min(cfg.workers, len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(str(model_path), str(unprotected) if unprotected else None, cfg, threads)) as pool:
+                             initargs=(str(model_path), str(unprotected) if unprotected else None, cfg, threads,
+                                       os.getpid())) as pool:
         # longest runs (largest ratios) first, so no worker is left with a big one at the end
         futures = [pool.submit(_worker_run, job) for job in sorted(todo, key=lambda j: -j.ratio)]
         try:
