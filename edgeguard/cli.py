@@ -13,13 +13,32 @@ from .errors import EdgeguardError
 
 
 class _Group(click.Group):
-    """Turns EdgeguardError into a one-line message and its exit code (2 bad input, 1 failed check)."""
+    """Turns EdgeguardError into a one-line message and its exit code (2 bad input "error:", 1 failed check
+    "FAILED:"), and accepts -v/--verbose anywhere on the line."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        """Click's own usage errors as one line too (exit 2), not a usage block."""
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:
+            cmd = f" {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else ""
+            click.echo(f"error: {e.format_message()} (see `edgeguard{cmd} --help`)", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+
+    def parse_args(self, ctx, args):
+        verbose = [a for a in args if a in ("-v", "--verbose")]
+        return super().parse_args(ctx, verbose[:1] + [a for a in args if a not in ("-v", "--verbose")])
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except EdgeguardError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"{'FAILED' if e.exit_code == 1 else 'error'}: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun with --resume to continue where it stopped", err=True)
@@ -53,11 +72,11 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--arch", default="small_cnn", show_default=True, help="Architecture (see `edgeguard models`).")
 @click.option("--domain", required=True, help="Authorised (source) domain, e.g. mnist (see `edgeguard domains`).")
-@click.option("--epochs", type=click.IntRange(min=0), default=None,
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs (default: ~300k images seen, 5 to 30 epochs).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.safetensors).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt, written after each epoch.")
 @data_root_option
@@ -138,8 +157,8 @@ def domains(data_root) -> None:
 @click.option("--unprotected", type=click.Path(dir_okay=False), default=None,
               help="The source model before protection, for its reference curve and ΔS/ΔT.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=8e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=8e-4, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Cap the target training pool.")
@@ -268,11 +287,18 @@ def synthesize(file, out, n, iterations, neighbours, seed, device) -> None:
     art = load_artifact(file)
     cfg = SynthesisConfig(n=n, batch_size=min(n, 256), iterations=iterations, seed=seed)
     x, y = cached_pseudo_source(art.model, art.card.num_classes, cfg, device)
-    if neighbours:
+    classes = art.card.classes
+    if neighbours:  # neighbour_domains makes each perturbation of every image in turn
         x = neighbour_domains(x, seed)
-    order = np.argsort(y, kind="stable") if not neighbours else np.arange(len(x))
-    image_grid(x[order], out)
-    click.echo(f"{len(x)} images → {out}")
+        kinds = ("inverted", "channels", "tinted", "low-pass", "high-pass", "thick", "noise")
+        labels = [kinds[i // len(y)] for i in range(len(x))]
+        order = np.arange(len(x))
+    else:
+        order = np.argsort(y, kind="stable")
+        labels = [classes[int(v)] for v in y[order]]
+        x = x[order]
+    image_grid(x, out, labels=labels)
+    click.echo(f"{len(x)} images → {out} (labelled: {'perturbation' if neighbours else 'the class each was made for'})")
 
 
 @main.command("build")

@@ -41,6 +41,8 @@ def train_source(
     max_train: int | None = None,
 ) -> dict:
     """Train `arch` on `domain` from random init; write the artifact and return its summary."""
+    if epochs is not None and epochs < 1:
+        raise EdgeguardError(f"--epochs must be at least 1 (0 would write an untrained model), got {epochs}")
     dom = get_domain(domain, data_root)
     if max_train:
         dom = dom.subset(n_train=max_train)
@@ -68,4 +70,5 @@ def train_source(
     atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(training, indent=2))
     ckpt.unlink(missing_ok=True)
     return {"out": str(out), "arch": arch, "domain": domain, "test_accuracy": acc, "epochs": cfg.epochs,
-            "seconds": seconds, "images_per_second": cfg.epochs * len(train) / max(seconds, 1e-9)}
+            "seconds": seconds, "resumed_at": state.resumed_at,
+            "images_per_second": (cfg.epochs - state.resumed_at) * len(train) / max(seconds, 1e-9)}

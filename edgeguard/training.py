@@ -102,6 +102,8 @@ class TrainConfig:
             raise EdgeguardError(f"batch size must be ≥ 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise EdgeguardError(f"learning rate must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise EdgeguardError(f"weight decay must be ≥ 0, got {self.weight_decay}")
         if self.optimizer not in ("adam", "sgd"):
             raise EdgeguardError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "none"):
@@ -173,6 +175,7 @@ def inner_recipe(epochs: int, lr: float, batch_size: int, seed: int, device: str
 class LoopState:
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    resumed_at: int = 0  # the epoch a resumed run started from (0: a fresh run)
 
 
 # A step receives the batch and returns (loss, metrics). The batch source yields whatever the step expects.
@@ -213,6 +216,7 @@ def run_loop(
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and resume and ckpt.exists():
         state = load_checkpoint(ckpt, modules, opt, sched, cfg)
+        state.resumed_at = state.epoch
         log.info("resumed %s at epoch %d", ckpt, state.epoch)
     for epoch in range(state.epoch, cfg.epochs):
         for m in modules.values():
@@ -280,8 +284,12 @@ def load_checkpoint(path: Path, modules, opt, sched, cfg: TrainConfig) -> LoopSt
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EdgeguardError(f"{path}: not a readable edgeguard checkpoint ({e}); delete it to start over") from None
-    if payload.get("config") != _cfg_key(cfg):
+        text = str(e).strip()
+        reason = ("it holds pickled objects, which edgeguard never unpickles" if "eights only load" in text
+                  else text.splitlines()[0][:100] if text else type(e).__name__)
+        raise EdgeguardError(f"{path}: not a readable edgeguard checkpoint ({reason}); delete it to start "
+                             "over") from None
+    if not isinstance(payload, dict) or payload.get("config") != _cfg_key(cfg):
         raise EdgeguardError(f"{path}: was written with another recipe; delete it or run without --resume")
     for k, m in modules.items():
         m.load_state_dict(payload[f"module.{k}"])

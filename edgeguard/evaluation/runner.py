@@ -306,7 +306,7 @@ def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs: list[R
     src_name = card.source_domain
     source_after = source_before = target_before = None
     try:
-        src_dom = get_domain(src_name, cfg.data_root).subset(None, cfg.max_test)
+        src_dom = get_domain(src_name, cfg.data_root)  # the whole source test set: --max-test caps the target
         src_test = TensorData.from_numpy(src_dom.test_x, src_dom.test_y, test.x.device)
         source_after = evaluate(art.model, src_test)
         if ref is not None:

@@ -37,8 +37,11 @@ def slc_auc(ratios: Sequence[float], protected: Sequence[float], scratch: Sequen
 def parse_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
     if text is None:
         return DEFAULT_GRID
-    vals = [float(v) for v in text.split(",")] if isinstance(text, str) else [float(v) for v in text]
+    try:
+        vals = [float(v) for v in text.split(",")] if isinstance(text, str) else [float(v) for v in text]
+    except (TypeError, ValueError):
+        raise EdgeguardError(f"--grid {text!r}: expected comma-separated numbers, e.g. 0.01,0.1,1.0") from None
     grid = tuple(sorted(set(vals)))
-    if len(grid) < 2 or grid[0] <= 0 or grid[-1] > 1:
+    if len(grid) < 2 or not all(np.isfinite(grid)) or grid[0] <= 0 or grid[-1] > 1:
         raise EdgeguardError(f"--grid needs at least two ratios in (0, 1], got {text!r}")
     return grid

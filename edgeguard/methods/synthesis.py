@@ -230,21 +230,29 @@ def neighbour_domains(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return (out * 255).round().to(torch.uint8).numpy()
 
 
-def image_grid(x: np.ndarray, path: str | os.PathLike, labels: np.ndarray | None = None, cols: int = 16,
+def image_grid(x: np.ndarray, path: str | os.PathLike, labels: list[str] | None = None, cols: int = 16,
                scale: int = 3) -> Path:
-    """Write uint8 N×3×32×32 images as one PNG grid (nearest-neighbour upscaled) so a person can look."""
-    from PIL import Image
+    """Write uint8 N×3×32×32 images as one PNG grid (nearest-neighbour upscaled) so a person can look; with
+    `labels`, each tile's label is written under it."""
+    from PIL import Image, ImageDraw
 
     path = Path(path)
     n = len(x)
     if n == 0:
         raise EdgeguardError("no images to draw")
+    if labels is not None and len(labels) != n:
+        raise EdgeguardError(f"{len(labels)} labels for {n} images")
     rows = -(-n // cols)
-    canvas = np.full((rows * 34, min(cols, n) * 34, 3), 255, np.uint8)
+    tile_h = 34 * scale + (12 if labels is not None else 0)
+    canvas = Image.new("RGB", (min(cols, n) * 34 * scale, rows * tile_h), "white")
+    draw = ImageDraw.Draw(canvas)
     for i in range(n):
         r, c = divmod(i, cols)
-        canvas[r * 34 + 1 : r * 34 + 33, c * 34 + 1 : c * 34 + 33] = x[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+        tile = Image.fromarray(np.ascontiguousarray(x[i].transpose(1, 2, 0))).resize((32 * scale, 32 * scale),
+                                                                                   Image.NEAREST)
+        canvas.paste(tile, (c * 34 * scale + scale, r * tile_h + scale))
+        if labels is not None:
+            draw.text((c * 34 * scale + scale, r * tile_h + 33 * scale), str(labels[i])[:14], fill="black")
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")
     return path
