@@ -21,7 +21,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 _UMASK_LOCK = threading.Lock()
-STALE_SECONDS = 3600  # a temp file this old beside a target was left by a killed writer
+STALE_SECONDS = 600  # a temp file this old beside its target was left by a killed writer
 
 
 def current_umask() -> int:

@@ -287,3 +287,13 @@ def test_replacing_a_bundle_has_no_empty_window(protected, tmp_path, monkeypatch
     monkeypatch.undo()
     build(protected, out, samples=20)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+
+
+def test_runtime_leaves_no_telemetry_files(bundle, tmp_path):
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    r = subprocess.run([*RUNTIME, "validate", str(bundle), "--allow-unsigned"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0 and not (tmp_path / "cache" / "Microsoft").exists()

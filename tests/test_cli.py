@@ -93,3 +93,43 @@ def test_methods_protect_json_and_config_roundtrip(tmp_path):
     r = runner.invoke(main, ["protect", "--method", "map", "--source-model", str(src), "--target", "mnist_sample",
                              "--out", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "authorised (source) domain" in r.output
+
+
+def test_long_run_in_a_log_shows_progress_and_files_follow_the_umask(tmp_path):
+    """Not on a terminal, a run prints plain progress lines (here every 0 s); the files it writes get the
+    user's umask (0644 under umask 022), the private key 0600."""
+    import os
+    import stat
+
+    env = {**os.environ, "EDGEGUARD_PROGRESS_SECONDS": "0"}
+    env.pop("EDGEGUARD_PROGRESS", None)
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from edgeguard.cli import main; "
+                            "main(sys.argv[1:])", "train", "--domain", "mnist_sample", "--epochs", "1",
+                            "--out", str(tmp_path / "m.safetensors"), "--device", "cpu"],
+                           stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    text = log.read_text()
+    assert r.returncode == 0, text
+    assert "small_cnn/mnist_sample 1/1:" in text and "%" in text  # a progress line, not a bar
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    r = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from edgeguard.cli import main; "
+                        "main(sys.argv[1:])", "keygen", "--out", str(tmp_path / "vendor")], capture_output=True)
+    assert r.returncode == 0
+    assert stat.S_IMODE((tmp_path / "vendor.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "vendor.pub").stat().st_mode) == 0o644
+
+
+def test_usage_errors_are_one_line_and_verbose_works_anywhere(tmp_path):
+    runner = CliRunner()
+    for args in (["train", "--domain", "mnist_sample", "--epochs", "0", "--out", str(tmp_path / "x.safetensors")],
+                 ["evaluate", "m.safetensors", "--target", "usps", "--report", str(tmp_path), "--weight-decay", "-1"],
+                 ["evaluate", "m.safetensors", "--target", "usps", "--report", str(tmp_path), "--grid", "abc,0.5"],
+                 ["nope"]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "Usage" not in r.output, r.output
+    ckpt = tmp_path / "g.safetensors.ckpt"
+    ckpt.write_bytes(b"garbage, or a pickle")
+    r = runner.invoke(main, ["train", "--domain", "mnist_sample", "--epochs", "1", "--out",
+                             str(tmp_path / "g.safetensors"), "--resume", "-v"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "checkpoint" in r.output
