@@ -297,3 +297,41 @@ def test_runtime_leaves_no_telemetry_files(bundle, tmp_path):
     r = subprocess.run([*RUNTIME, "validate", str(bundle), "--allow-unsigned"], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 0 and not (tmp_path / "cache" / "Microsoft").exists()
+
+
+def test_deepstream_and_triton_files_match_the_manifest(bundle, keys, tmp_path):
+    """The camera-pipeline files say what the manifest says (normalisation, input shape, classes), are listed
+    in the signed manifest, and a change to one of them fails validation."""
+    import configparser
+    import re
+
+    man = json.loads((bundle / "manifest.json").read_text())
+    listed = {f["path"] for f in man["files"]}
+    inp, classes = man["input"], man["classes"]
+    c, h, w = inp["shape"]
+    assert {"labels.txt", "deepstream/config_infer.txt", "triton/edgeguard_classifier/config.pbtxt",
+            "triton/edgeguard_classifier/1/model.onnx"} <= listed
+    assert (bundle / "labels.txt").read_text().split() == classes
+    ds = configparser.ConfigParser()
+    ds.read_string((bundle / "deepstream" / "config_infer.txt").read_text())
+    prop = ds["property"]
+    assert float(prop["net-scale-factor"]) == pytest.approx(inp["scale"] / inp["std"][0])
+    assert [float(v) for v in prop["offsets"].split(";")] == pytest.approx([m / inp["scale"] for m in inp["mean"]])
+    assert prop["infer-dims"] == f"{c};{h};{w}" and int(prop["num-detected-classes"]) == len(classes)
+    assert prop["network-mode"] == {"fp32": "0", "int8": "1", "fp16": "2"}[man["target"]["precision"]]
+    assert prop["onnx-file"] == "../model.onnx" and prop["output-blob-names"] == inp["output_name"]
+    assert (bundle / "deepstream" / prop["labelfile-path"]).read_text().strip().split(";") == classes
+    x = np.arange(256, dtype=np.float32)  # nvinfer's formula gives the manifest's normalisation exactly
+    ours = (x * inp["scale"] - inp["mean"][0]) / inp["std"][0]
+    theirs = float(prop["net-scale-factor"]) * (x - float(prop["offsets"].split(";")[0]))
+    assert np.allclose(ours, theirs, atol=1e-6)
+    pb = (bundle / "triton" / "edgeguard_classifier" / "config.pbtxt").read_text()
+    assert re.search(rf"dims: \[ {c}, {h}, {w} \]", pb) and re.search(rf"dims: \[ {len(classes)} \]", pb)
+    assert f'name: "{inp["input_name"]}"' in pb and f'name: "{inp["output_name"]}"' in pb
+    assert (bundle / "triton" / "edgeguard_classifier" / "1" / "model.onnx").read_bytes() == \
+        (bundle / "model.onnx").read_bytes()
+    b = _copy(bundle, tmp_path)
+    cfg = b / "deepstream" / "config_infer.txt"
+    cfg.write_text(cfg.read_text().replace("net-scale-factor=", "net-scale-factor=1#"))
+    r = _run("validate", b, "--public-key", keys[0][1])
+    assert r.returncode == 1 and "config_infer.txt" in r.stderr
