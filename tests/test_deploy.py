@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -124,6 +125,7 @@ def test_deploy_validates_switches_and_is_idempotent(lb, bundles, keys, tmp_path
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert r.stdout.count("deployed") == 2 and "authorised" in r.stdout
+    assert "backend used" in r.stdout and r.stdout.count("onnxruntime") >= 2  # the backend that really ran
     bid = _bid(bundles["A"])
     manifest = json.loads((bundles["A"] / "manifest.json").read_text())
     for name in ("cam-a", "cam-b"):
@@ -232,3 +234,22 @@ def test_unknown_or_wrong_host_key_is_refused(lb, bundles, keys, tmp_path):
     # a changed key is refused even with accept-new
     [r] = fleet.deploy(bundles["A"], [replace(dev, known_hosts=str(wrong), accept_new_host_key=True)], opts)
     assert r.result == "refused"
+
+
+def test_deploy_shares_one_ssh_connection_per_device(lb, bundles, keys, tmp_path):
+    """ControlMaster: the whole deploy (probe, upload, verify, stage, validate, bench, reports, switch) is one
+    authenticated connection per device; without sharing it is one per step. Counted in sshd's log."""
+    log = lb.dir / "sshd.log"
+
+    def accepted() -> int:
+        return log.read_text(errors="replace").count("Accepted publickey")
+
+    counts = {}
+    for multiplex in (False, True):
+        dev = _device(lb, f"cam-mux-{multiplex}")
+        before = accepted()
+        [res] = fleet.deploy(bundles["A"], [dev], _opts(keys, tmp_path, multiplex=multiplex, force=True))
+        assert res.result == "deployed", res.detail
+        time.sleep(0.3)
+        counts[multiplex] = accepted() - before
+    assert counts[True] == 1 and counts[False] >= 6, counts

@@ -8,16 +8,18 @@ last step, which is one atomic rename on the device (`runtime/device.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from runtime.device import bundle_digest
@@ -77,6 +79,7 @@ class DeployOptions:
     report_dir: Path | None = None
     bench_iterations: int = 50
     timeout: float = 900
+    multiplex: bool = True  # one SSH connection per device for the whole deploy (ControlMaster)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class HostResult:
     result: str  # deployed | unchanged | failed | refused | rolled-back
     bundle: str | None = None
     engine: str = "-"
+    backend: str = "-"  # the backend validation actually ran on the device (from its report)
     authorised: float | None = None
     unauthorised: float | None = None
     latency_ms: float | None = None
@@ -174,6 +178,9 @@ def _fill_from_reports(res: HostResult, validate: dict | None, bench: dict | Non
         unauth = [r["accuracy"] for r in rows if r.get("role") == "unauthorised"]
         res.authorised = auth[0] if auth else None
         res.unauthorised = max(unauth) if unauth else None
+        b = validate.get("backend") or {}
+        if isinstance(b, dict) and b.get("backend"):
+            res.backend = str(b["backend"]) + (f" ({', '.join(b['providers'][:1])})" if b.get("providers") else "")
         if not validate.get("ok"):
             res.detail = validate.get("error") or "; ".join(validate.get("failures") or []) or res.detail
     if bench and bench.get("results"):
@@ -387,18 +394,35 @@ def deploy(bundle: str | Path, devices: list[Device], opts: DeployOptions | None
     opts = opts or DeployOptions()
     if not devices:
         raise EdgeguardError("no devices: give --host user@device[:port] or --inventory fleet.toml")
-    with tempfile.TemporaryDirectory(prefix="edgeguard-deploy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgeguard-deploy-") as tmp, _multiplexed(devices, opts) as devs:
         prep = prepare(bundle, opts, Path(tmp))
-        results = run_fleet(devices, lambda d, s: deploy_one(d, prep, opts, s), jobs, STEPS)
+        results = run_fleet(devs, lambda d, s: deploy_one(d, prep, opts, s), jobs, STEPS)
     _write_summary(opts, results)
     return results
+
+
+@contextlib.contextmanager
+def _multiplexed(devices: list[Device], opts: DeployOptions):
+    """The devices with a private control folder for shared connections (closed and removed at the end)."""
+    if not opts.multiplex:
+        yield devices
+        return
+    cdir = tempfile.mkdtemp(prefix="egssh-")  # short: a unix socket path has ~100 characters; 0700
+    devs = [replace(d, control_dir=cdir) if d.control_dir is None else d for d in devices]
+    try:
+        yield devs
+    finally:
+        for d in devs:
+            ssh.close_master(d)
+        shutil.rmtree(cdir, ignore_errors=True)
 
 
 def rollback(devices: list[Device], opts: DeployOptions | None = None, jobs: int = 4) -> list[HostResult]:
     opts = opts or DeployOptions()
     if not devices:
         raise EdgeguardError("no devices: give --host user@device[:port] or --inventory fleet.toml")
-    results = run_fleet(devices, lambda d, s: rollback_one(d, opts, s), jobs, ["connect", "switch"])
+    with _multiplexed(devices, opts) as devs:
+        results = run_fleet(devs, lambda d, s: rollback_one(d, opts, s), jobs, ["connect", "switch"])
     _write_summary(opts, results)
     return results
 
@@ -412,8 +436,8 @@ def format_table(results: list[HostResult]) -> str:
     def pct(v):
         return "-" if v is None else f"{v * 100:.1f}%"
 
-    head = ["host", "bundle", "engine", "authorised", "unauthorised", "latency", "result"]
-    rows = [[r.device, (r.bundle or "-")[:12], r.engine, pct(r.authorised), pct(r.unauthorised),
+    head = ["host", "bundle", "engine", "backend used", "authorised", "unauthorised", "latency", "result"]
+    rows = [[r.device, (r.bundle or "-")[:12], r.engine, r.backend, pct(r.authorised), pct(r.unauthorised),
              "-" if r.latency_ms is None else f"{r.latency_ms:.2f} ms", r.result] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *rows]]

@@ -1,4 +1,5 @@
-"""OpenSSH through subprocess: one `ssh` per remote step, strict host-key checking, tar-streamed uploads.
+"""OpenSSH through subprocess: one `ssh` per remote step over one shared connection per device (ControlMaster),
+strict host-key checking, tar-streamed uploads.
 
 Why OpenSSH and not an SSH library: it is already on every workstation and every Jetson, it honours the
 user's ~/.ssh/config, agent, ProxyJump and known_hosts exactly as their own `ssh` does, and it adds no
@@ -44,6 +45,7 @@ class Device:
     python: str = "python3"
     connect_timeout: int = 10
     ssh_options: list[str] = field(default_factory=list)
+    control_dir: str | None = None  # a private folder for a shared (multiplexed) connection; None: one per call
 
     def __post_init__(self):
         if not self.name:
@@ -72,9 +74,28 @@ def ssh_argv(dev: Device, command: str) -> list[str]:
                  "-o", "GlobalKnownHostsFile=/dev/null"]
     if dev.identity:
         argv += ["-i", str(Path(dev.identity).expanduser()), "-o", "IdentitiesOnly=yes"]
+    argv += _control_options(dev)
     for opt in dev.ssh_options:
         argv += ["-o", opt]
     return argv + [dev.destination, command]
+
+
+def _control_options(dev: Device) -> list[str]:
+    """One TCP connection and authentication per device for a whole deploy (OpenSSH ControlMaster): the
+    socket lives in a private 0700 folder and closes 60 s after the last use, or at `close_master`."""
+    if not dev.control_dir:
+        return []
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={Path(dev.control_dir) / '%C'}",
+            "-o", "ControlPersist=60"]
+
+
+def close_master(dev: Device) -> None:
+    """End the device's shared connection (no error if there is none)."""
+    if not dev.control_dir:
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["ssh", "-p", str(dev.port), *_control_options(dev), "-O", "exit", dev.destination],
+                       capture_output=True, timeout=10)
 
 
 def raise_for(dev: Device, returncode: int, stderr: str, what: str) -> None:
