@@ -109,10 +109,22 @@ def cmd_bench(args) -> int:
     backend = _backend(args, manifest, bundle)
     rows = [latency(backend, manifest.input, b, args.iterations, args.warmup) for b in (1, args.batch)]
     result = {"backend": backend.describe(), "results": rows}
+    if args.engine:  # NVIDIA's own split of the host latency, where trtexec is installed
+        from .trtexec import trtexec_bench
+
+        result["trtexec"] = trtexec_bench(Path(args.engine), manifest.input.input_name, (1, *manifest.input.shape),
+                                          args.iterations)
     _write(args, result)
-    print(f"{'batch':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'images/s':>10}   ({result['backend']['backend']})")
+    print(f"{'batch':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'images/s':>10}   ({result['backend']['backend']}, "
+          "Python-side perf_counter around run())")
     for r in rows:
         print(f"{r['batch']:>6} {r['p50_ms']:>9.3f} {r['p95_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['throughput_ips']:>10.0f}")
+    t = result.get("trtexec")
+    if t is not None and t.get("available"):
+        parts = ", ".join(f"{k} {t[k]['mean_ms']:.3f}" for k in ("h2d", "compute", "d2h", "latency") if k in t)
+        print(f"trtexec (batch 1, CUDA graph), mean ms: {parts}")
+    elif t is not None:
+        print(f"trtexec: {t['reason']}")
     return 0
 
 

@@ -58,3 +58,33 @@ def test_tensorrt_build_says_unavailable(tmp_path):
         pytest.skip("TensorRT present")
     with pytest.raises(TensorRTUnavailable, match="not available"):
         build_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
+
+
+def test_trtexec_bench_runs_load_engine_and_reads_its_times(tmp_path, monkeypatch):
+    """With a stand-in `trtexec` on PATH that writes an --exportTimes file as trtexec does, the bench reports
+    the H2D / compute / D2H split; without one, it says so."""
+    import os
+    import stat
+    import sys
+
+    from runtime import trtexec
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(trtexec, "JETSON_TRTEXEC", str(tmp_path / "nowhere"))
+    got = trtexec.trtexec_bench(tmp_path / "m.engine", "input", (1, 3, 32, 32), 10)
+    assert not got["available"] and "trtexec not found" in got["reason"]
+    fake = tmp_path / "bin" / "trtexec"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    "args = dict(a.split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
+                    "assert args['--loadEngine'].endswith('m.engine') and args['--shapes'] == 'input:1x3x32x32'\n"
+                    "assert '--useCudaGraph' in sys.argv\n"
+                    "recs = [{'h2dMs': 0.01 * i, 'computeMs': 0.2, 'd2hMs': 0.005, 'latencyMs': 0.2 + 0.015 * i}"
+                    " for i in range(int(args['--iterations']))]\n"
+                    "json.dump(recs, open(args['--exportTimes'], 'w'))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(fake.parent) + os.pathsep + os.environ["PATH"])
+    got = trtexec.trtexec_bench(tmp_path / "m.engine", "input", (1, 3, 32, 32), 10)
+    assert got["available"] and got["inferences"] == 10
+    assert got["compute"]["mean_ms"] == pytest.approx(0.2) and got["h2d"]["mean_ms"] == pytest.approx(0.045)
+    assert got["d2h"]["p50_ms"] == pytest.approx(0.005) and "--loadEngine" in got["command"]
