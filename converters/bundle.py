@@ -33,7 +33,7 @@ from runtime.manifest import (
 )
 
 from . import onnx_export, quantize, signing, tensorrt_build
-from .runtime_wheel import write_wheel
+from .runtime_dist import write_wheel
 from .targets import get_target
 
 
@@ -389,7 +389,10 @@ manifest.sig     Ed25519 signature of manifest.json (verify with the vendor's pu
 mask.bits        the packed binary mask: every masked weight must still be 0
 validation/      authorised and unauthorised samples (.npz: x uint8 N×3×32×32, y int64)
 build_engine.sh  builds the TensorRT engine on this device (trtexec)
-runtime/         the edgeguard-runtime wheel (pure Python, no PyTorch): pip install runtime/*.whl
+runtime/         the edgeguard-runtime wheel (pure Python, no PyTorch). Install it with the ONNX Runtime your
+                 device needs: pip install "$(ls runtime/*.whl)[cpu]" on a CPU, [gpu] on a desktop NVIDIA
+                 GPU; on a Jetson install NVIDIA's onnxruntime-gpu wheel for its JetPack first, then the plain
+                 wheel (pip install runtime/*.whl), which never replaces it; add [tensorrt] for cuda-python
 labels.txt       the class names, one per line
 deepstream/      config_infer.txt (Gst-nvinfer: preprocessing, model, engine, labels) and labels.txt
 triton/          a Triton model repository entry (config.pbtxt, labels.txt, 1/model.onnx; for a TensorRT

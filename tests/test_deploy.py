@@ -73,13 +73,17 @@ def _opts(keys, tmp_path, **kw):
 # ---- no server needed -------------------------------------------------------------------------------------
 
 def test_runtime_wheel_installs_without_torch(tmp_path):
-    from converters.runtime_wheel import wheel_bytes, write_wheel
+    from converters.runtime_dist import wheel_bytes, write_wheel
 
     assert wheel_bytes() == wheel_bytes()  # reproducible: bundles carrying it stay byte-stable
     whl = write_wheel(tmp_path)
     meta = zipfile.ZipFile(whl).read("edgeguard_runtime-0.1.0.dist-info/METADATA").decode()
     requires = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist")]
-    assert any("onnxruntime" in r for r in requires) and not any("torch" in r.split(";")[0] for r in requires)
+    plain = [r for r in requires if "extra ==" not in r]
+    assert not any("onnxruntime" in r or "torch" in r for r in plain), plain  # never replaces a Jetson's ORT
+    assert any("onnxruntime>=" in r and "'cpu'" in r for r in requires)
+    assert any("onnxruntime-gpu" in r and "'gpu'" in r for r in requires)
+    assert any("cuda-python" in r and "'tensorrt'" in r for r in requires)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
                     str(whl)], check=True)
@@ -90,6 +94,56 @@ def test_runtime_wheel_installs_without_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
     assert (target / "bin" / "edgeguard-runtime").exists()
+
+
+def _stand_in_wheel(folder: Path, dist: str, version: str, module: str, body: str) -> Path:
+    """A minimal real wheel named `dist` that provides `module` (a stand-in for a package we cannot fetch)."""
+    import base64
+    import hashlib
+
+    name = dist.replace("-", "_")
+    info = f"{name}-{version}.dist-info"
+    files = {f"{module}/__init__.py": body.encode(),
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    rec = "".join(f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b'=').decode()},{len(v)}\n"
+                  for k, v in files.items()) + f"{info}/RECORD,,\n"
+    files[f"{info}/RECORD"] = rec.encode()
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_runtime_install_keeps_a_jetsons_onnxruntime_gpu(tmp_path):
+    """A Jetson-like environment: a venv holding `onnxruntime-gpu` (a stand-in: NVIDIA's wheel is not
+    reachable here). `pip install edgeguard-runtime` (plain) leaves it untouched and the runtime uses it; the
+    [cpu] extra would pull `onnxruntime` (refused here, offline, which is how the test sees it try)."""
+    from converters.runtime_dist import write_wheel
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    whl = write_wheel(wheels)
+    for dist, mod in (("numpy", "numpy"), ("onnx", "onnx"), ("cryptography", "cryptography"), ("pillow", "PIL")):
+        _stand_in_wheel(wheels, dist, "99.0", mod, "")
+    gpu = _stand_in_wheel(tmp_path, "onnxruntime-gpu", "1.99.0", "onnxruntime",
+                          "__version__ = 'stand-in onnxruntime-gpu'\n")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels)]
+    subprocess.run(pip + [str(gpu)], check=True)
+    r = subprocess.run(pip + [str(whl)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listed = {d["name"].lower(): d["version"] for d in json.loads(subprocess.run(
+        [py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True).stdout)}
+    assert listed.get("onnxruntime-gpu") == "1.99.0" and "onnxruntime" not in listed, listed
+    out = subprocess.run([py, "-c", "import onnxruntime; print(onnxruntime.__version__)"], capture_output=True,
+                         text=True)
+    assert out.stdout.strip() == "stand-in onnxruntime-gpu"
+    r = subprocess.run(pip + [f"{whl}[cpu]"], capture_output=True, text=True)
+    assert r.returncode != 0 and "onnxruntime" in (r.stderr + r.stdout)  # the extra would have fetched it
 
 
 def test_host_strings_and_inventory(tmp_path):

@@ -115,7 +115,7 @@ class PreparedBundle:
 
 def prepare(bundle: str | Path, opts: DeployOptions, workdir: Path) -> PreparedBundle:
     """Verify the bundle here first (a broken bundle never reaches the fleet) and list what to upload."""
-    from converters.runtime_wheel import write_wheel
+    from converters.runtime_dist import write_wheel
     from runtime.integrity import verify_bundle
     from runtime.manifest import BundleError
 

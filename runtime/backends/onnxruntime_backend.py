@@ -15,8 +15,12 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model_path: Path, providers: list[str] | None = None, input_name: str = "input",
                  output_name: str = "logits"):
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BundleError("ONNX Runtime is not installed: pip install 'edgeguard-runtime[cpu]' (CPU), "
+                              "'edgeguard-runtime[gpu]' (NVIDIA GPU), or on a Jetson NVIDIA's onnxruntime-gpu "
+                              "wheel for its JetPack") from None
         if hasattr(ort, "disable_telemetry_events"):
             ort.disable_telemetry_events()  # a camera sends nothing anywhere
         available = ort.get_available_providers()
