@@ -264,11 +264,17 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
 
     sparse_24 = _is_24(masks)
     strongly = prof.tensorrt_version is not None and tensorrt_build.major_version(prof.tensorrt_version) >= 11
+    trtexec_line = tensorrt_build.trtexec_command("model.onnx", "model.engine", precision, sparse_24,
+                                                  prof.workspace_mb or 1024, prof.dla, strongly)
     script = ["#!/bin/sh", "# Build the TensorRT engine ON THIS DEVICE (engines are tied to the GPU and the TensorRT",
-              "# version). Never add --sparsity=force: it would rewrite the learned mask.", "set -e",
-              'cd "$(dirname "$0")"',
-              tensorrt_build.trtexec_command("model.onnx", "model.engine", precision if precision != "fp32" else
-                                             "fp32", sparse_24, prof.workspace_mb or 1024, prof.dla, strongly),
+              "# version). Never add --sparsity=force: it would rewrite the learned mask.",
+              "# A device-level cache keyed by (model.onnx sha256, TensorRT version, compute capability, precision)",
+              "# makes a re-deploy of the same model build nothing (python3 -m runtime.engine_cache).", "set -e",
+              'cd "$(dirname "$0")"', 'PY="${EDGEGUARD_PYTHON:-python3}"',
+              'if "$PY" -m runtime.engine_cache lookup . 2>/dev/null; then exit 0; fi',
+              'TC="$("$PY" -m runtime.engine_cache timing-cache 2>/dev/null || echo timing.cache)"',
+              trtexec_line.replace("--timingCacheFile=timing.cache", '--timingCacheFile="$TC"'),
+              '"$PY" -m runtime.engine_cache store . 2>/dev/null || true',
               'echo "engine: model.engine; validate with: edgeguard-runtime validate . --public-key vendor.pub '
               '--engine model.engine"']
     (tmp / "build_engine.sh").write_text("\n".join(script) + "\n")

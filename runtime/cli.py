@@ -21,7 +21,8 @@ def _backend(args, manifest, bundle: Path):
     from .backends import get_backend
 
     return get_backend(args.backend, bundle / manifest.model.path, Path(args.engine) if args.engine else None,
-                       input_name=manifest.input.input_name, output_name=manifest.input.output_name)
+                       input_name=manifest.input.input_name, output_name=manifest.input.output_name,
+                       precision=manifest.target.precision)
 
 
 def _verified(args):

@@ -335,3 +335,35 @@ def test_deepstream_and_triton_files_match_the_manifest(bundle, keys, tmp_path):
     cfg.write_text(cfg.read_text().replace("net-scale-factor=", "net-scale-factor=1#"))
     r = _run("validate", b, "--public-key", keys[0][1])
     assert r.returncode == 1 and "config_infer.txt" in r.stderr
+
+
+def test_build_engine_script_uses_the_device_engine_cache(bundle, tmp_path):
+    """build_engine.sh with a stand-in trtexec: the first run builds and stores the engine, a re-deploy of the
+    same model takes it from the device cache without running trtexec; the timing cache is the shared one."""
+    import os
+    import stat
+
+    b = _copy(bundle, tmp_path)
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "trtexec"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                    "out = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--saveEngine=')][0]\n"
+                    "open(out, 'wb').write(b'E' * 4096)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "EDGEGUARD_PYTHON": sys.executable,
+           "PYTHONPATH": repo, "EDGEGUARD_ENGINE_CACHE": str(tmp_path / "cache"),
+           "EDGEGUARD_TRT_VERSION": "10.3.0", "EDGEGUARD_COMPUTE_CAPABILITY": "8.7"}
+    r = subprocess.run(["sh", str(b / "build_engine.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(calls.read_text().splitlines()) == 1 and (b / "model.engine").stat().st_size == 4096
+    assert f"--timingCacheFile={tmp_path / 'cache'}/timing-trt10.3.0-sm8.7.cache" in calls.read_text()
+    assert len(list((tmp_path / "cache").glob("*.engine"))) == 1
+    (b / "model.engine").unlink()
+    r = subprocess.run(["sh", str(b / "build_engine.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "from the device cache" in r.stdout, r.stdout + r.stderr
+    assert len(calls.read_text().splitlines()) == 1 and (b / "model.engine").stat().st_size == 4096
+    r = subprocess.run(["sh", str(b / "build_engine.sh")], env={**env, "EDGEGUARD_COMPUTE_CAPABILITY": "7.2"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and len(calls.read_text().splitlines()) == 2  # another GPU: built again

@@ -88,3 +88,19 @@ def test_trtexec_bench_runs_load_engine_and_reads_its_times(tmp_path, monkeypatc
     assert got["available"] and got["inferences"] == 10
     assert got["compute"]["mean_ms"] == pytest.approx(0.2) and got["h2d"]["mean_ms"] == pytest.approx(0.045)
     assert got["d2h"]["p50_ms"] == pytest.approx(0.005) and "--loadEngine" in got["command"]
+
+
+def test_engine_cache_key_and_ort_tensorrt_options(tmp_path, monkeypatch):
+    from runtime.backends.onnxruntime_backend import provider_options
+    from runtime.engine_cache import cache_key
+
+    base = cache_key("a" * 64, "10.3.0", "8.7", "fp16")
+    assert base == cache_key("a" * 64, "10.3.0", "8.7", "fp16")
+    for other in (cache_key("b" * 64, "10.3.0", "8.7", "fp16"), cache_key("a" * 64, "10.4.0", "8.7", "fp16"),
+                  cache_key("a" * 64, "10.3.0", "8.6", "fp16"), cache_key("a" * 64, "10.3.0", "8.7", "int8")):
+        assert other != base  # each part of the key separates engines
+    monkeypatch.setenv("EDGEGUARD_ENGINE_CACHE", str(tmp_path))
+    trt, cpu = provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], "fp16")
+    assert trt["trt_engine_cache_enable"] == "True" and trt["trt_engine_cache_path"].startswith(str(tmp_path))
+    assert trt["trt_fp16_enable"] == "True" and cpu == {}
+    assert provider_options(["TensorrtExecutionProvider"], "fp32")[0]["trt_fp16_enable"] == "False"

@@ -245,7 +245,8 @@ def deploy_one(dev: Device, prep: PreparedBundle, opts: DeployOptions,
         step("engine")
         if prep.backend == "tensorrt" and info.get("trtexec"):
             tdir = shlex.quote(str(Path(info["trtexec"]).parent))
-            r = ssh.run(dev, f"cd {root}/{bdir} && PATH={tdir}:$PATH sh build_engine.sh", "engine build",
+            r = ssh.run(dev, f"cd {root}/{bdir} && PATH={tdir}:$PATH PYTHONPATH={lib} "
+                             f"EDGEGUARD_PYTHON={shlex.quote(dev.python)} sh build_engine.sh", "engine build",
                         timeout=opts.timeout, check=False)
             if r.returncode != 0:
                 res.engine = "failed"

@@ -11,7 +11,7 @@ from .base import Backend
 
 
 def get_backend(name: str, model_path: Path, engine_path: Path | None = None, providers: list[str] | None = None,
-                input_name: str = "input", output_name: str = "logits") -> Backend:
+                input_name: str = "input", output_name: str = "logits", precision: str = "fp32") -> Backend:
     from . import onnxruntime_backend, tensorrt_backend
 
     if name not in ("auto", "onnxruntime", "tensorrt"):
@@ -25,7 +25,7 @@ def get_backend(name: str, model_path: Path, engine_path: Path | None = None, pr
             raise IntegrityError("TensorRT (the tensorrt Python package, cuda-python and a CUDA GPU) cannot load "
                                  "here, so the engine cannot run; validate without --engine to run the ONNX model")
         return tensorrt_backend.TensorRTBackend(engine_path, input_name, output_name)
-    return onnxruntime_backend.OnnxRuntimeBackend(model_path, providers, input_name, output_name)
+    return onnxruntime_backend.OnnxRuntimeBackend(model_path, providers, input_name, output_name, precision)
 
 
 __all__ = ["Backend", "get_backend"]

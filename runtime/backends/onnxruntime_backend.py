@@ -10,11 +10,29 @@ from ..manifest import BundleError
 PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def provider_options(providers: list[str], precision: str = "fp32") -> list[dict]:
+    """Options per provider: ORT's TensorRT provider keeps its engines and timing cache in the device-level
+    engine cache (so a restart builds nothing) and uses fp16 where the manifest's precision says so."""
+    from ..engine_cache import cache_dir
+
+    out = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            path = str(cache_dir() / "ort-trt")
+            out.append({"trt_engine_cache_enable": "True", "trt_engine_cache_path": path,
+                        "trt_timing_cache_enable": "True", "trt_timing_cache_path": path,
+                        "trt_fp16_enable": "True" if precision in ("fp16", "int8") else "False",
+                        "trt_int8_enable": "True" if precision == "int8" else "False"})
+        else:
+            out.append({})
+    return out
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model_path: Path, providers: list[str] | None = None, input_name: str = "input",
-                 output_name: str = "logits"):
+                 output_name: str = "logits", precision: str = "fp32"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -32,7 +50,11 @@ class OnnxRuntimeBackend:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted)
+            if "TensorrtExecutionProvider" in wanted:
+                (Path(provider_options(wanted, precision)[0]["trt_engine_cache_path"])).mkdir(parents=True,
+                                                                                              exist_ok=True)
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted,
+                                                provider_options=provider_options(wanted, precision))
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
         inputs = [i.name for i in self.session.get_inputs()]
