@@ -226,13 +226,15 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
     meta = {"edgeguard_format": "1", "edgeguard_mask_sha256": mask_sha, "edgeguard_method": desc.method,
             "edgeguard_normalisation": "manifest"}
     try:
-        mapping = onnx_export.export_onnx(model, masks, onnx_fp32, desc.input_shape, metadata=meta)
+        exported = onnx_export.export_onnx(model, masks, onnx_fp32, desc.input_shape, metadata=meta)
+        mapping = exported.mapping
         xa = _normalise(desc.authorised.x, desc)
         par = onnx_export.parity(model, onnx_fp32, xa[:256])
     except onnx_export.ExportError as e:
         raise BuildError(f"export: {e}") from None
     model_path = onnx_fp32
-    result = {"parity": par, "precision": precision}
+    result = {"parity": par, "precision": precision, "exporter": exported.exporter,
+              "exporter_fallback_reason": exported.fallback_reason}
     if precision == "int8":
         model_path = tmp / "model.onnx"
         quantize.quantize_qdq(onnx_fp32, model_path, xa[:256])
@@ -312,7 +314,7 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
                              compute_capability=prof.compute_capability, tensorrt_version=prof.tensorrt_version,
                              jetpack=prof.jetpack, workspace_mb=prof.workspace_mb, dla=prof.dla,
                              sparse_weights=sparse_24),
-        files=files, engine=engine_info, opset=onnx_export.OPSET,
+        files=files, engine=engine_info, opset=exported.opset,
         slc_auc={k: SlcAucEntry(float(v["slc_auc"]), str(v["target"])) for k, v in desc.slc_auc.items()}
         if desc.slc_auc else None,
         protection=protection_record(desc, _sparsity(masks)))

@@ -1,8 +1,11 @@
 """Export a protected classifier to ONNX with the mask baked in, and the guards that fail the build.
 
-Exporter: the TorchScript-based `torch.onnx.export(dynamo=False)`, opset 17, dynamic batch, eval mode with
-constant folding (BatchNorm is folded into the preceding convolution; a zero weight stays zero because
-folding only scales whole output channels). It writes one self-contained file; should a model exceed 2 GB,
+Exporter: the dynamo exporter (`torch.onnx.export(dynamo=True)`: torch.export + onnxscript), opset 18,
+dynamic batch, eval mode, optimised: BatchNorm is folded into the preceding convolution (a zero weight stays
+zero because folding only scales whole output channels) and parameter names survive as initializer names,
+so masks map to initializers by name. The TorchScript exporter (opset 17; masks mapped by module scope and
+call order) is only a fallback where the dynamo one fails, logged with the reason and recorded in the
+bundle summary and the ONNX metadata (`edgeguard_exporter`). It writes one self-contained file; should a model exceed 2 GB,
 external data files are listed by `model_files` and covered by the bundle's hashes all the same.
 Input normalisation is NOT in the graph: the manifest states it and the runtime applies it.
 
@@ -14,15 +17,27 @@ real samples (max |Δlogit| ≤ 1e-4 in fp32, top-1 agreement 100 %).
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from runtime import maskbits
 
-OPSET = 17
+OPSET = 18  # the dynamo exporter's lowest; the TorchScript fallback exports 17
+LEGACY_OPSET = 17
 FP32_ATOL = 1e-4
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    mapping: dict[str, str]  # mask layer → ONNX initializer
+    exporter: str  # dynamo | torchscript
+    opset: int
+    fallback_reason: str | None = None
 
 
 class ExportError(Exception):
@@ -102,15 +117,43 @@ def _scopes(module_path: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _export_dynamo(m, input_shape, input_name: str, output_name: str) -> bytes:
+    """torch.export + onnxscript: parameter names survive as initializer names; BatchNorm is folded."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(m, (torch.zeros(1, *input_shape),), dynamo=True, opset_version=OPSET,
+                                 input_names=[input_name], output_names=[output_name],
+                                 dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+    return prog.model_proto.SerializeToString()
+
+
+def _export_torchscript(m, input_shape, input_name: str, output_name: str) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that this exporter will go: it is only our fallback
+        torch.onnx.export(m, (torch.zeros(1, *input_shape),), buf, dynamo=False, opset_version=LEGACY_OPSET,
+                          input_names=[input_name], output_names=[output_name], do_constant_folding=True,
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    return buf.getvalue()
+
+
 def export_onnx(model, masks: dict[str, np.ndarray], out_path: Path, input_shape=(3, 32, 32),
                 input_name: str = "input", output_name: str = "logits",
-                metadata: dict[str, str] | None = None) -> dict[str, str]:
-    """Bake `masks` into a copy of `model`, export it, run the guards; returns mask layer → initializer name."""
+                metadata: dict[str, str] | None = None, exporter: str = "auto") -> ExportResult:
+    """Bake `masks` into a copy of `model`, export it (the dynamo exporter; the TorchScript one only as a
+    fallback that says why), run the guards; returns the mask layer → initializer mapping and what was used."""
     import copy
 
     import onnx
     import torch
 
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ExportError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
     _guard_module(model)
     m = copy.deepcopy(model).cpu().float().eval()
     params = dict(m.named_parameters())
@@ -119,26 +162,34 @@ def export_onnx(model, masks: dict[str, np.ndarray], out_path: Path, input_shape
             if name not in params:
                 raise ExportError(f"mask names {name!r} but the model has no such parameter")
             params[name].mul_(torch.from_numpy(np.asarray(keep, bool)).to(params[name].dtype))
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.zeros(1, *input_shape),), buf, dynamo=False, opset_version=OPSET,
-                          input_names=[input_name], output_names=[output_name], do_constant_folding=True,
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
-    onnx_model = onnx.load_from_string(buf.getvalue())
+    used, opset, reason, data = "dynamo", OPSET, None, None
+    if exporter in ("auto", "dynamo"):
+        try:
+            data = _export_dynamo(m, input_shape, input_name, output_name)
+        except Exception as e:  # noqa: BLE001 — any failure of the new exporter falls back, and says why
+            if exporter == "dynamo":
+                raise ExportError(f"the dynamo exporter failed: {type(e).__name__}: {str(e).splitlines()[0]}") \
+                    from None
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            log.warning("ONNX export: the dynamo exporter failed (%s); using the TorchScript exporter", reason)
+    if data is None:
+        used, opset = "torchscript", LEGACY_OPSET
+        data = _export_torchscript(m, input_shape, input_name, output_name)
+    onnx_model = onnx.load_from_string(data)
     for init in onnx_model.graph.initializer:
         if init.name.endswith("_orig") or init.name.endswith("_mask"):
             raise ExportError(f"initializer {init.name!r} would ship the dense weights or the mask")
     mapping = map_mask_to_initializers(onnx_model, m, masks)
     check_zero_pattern(onnx_model, masks, mapping)
     onnx_model.doc_string = "edgeguard protected classifier (mask baked in)"
-    for k, v in (metadata or {}).items():
+    del onnx_model.metadata_props[:]  # torch.export's own provenance keys: ours below are what a reader needs
+    for k, v in {**(metadata or {}), "edgeguard_exporter": used}.items():
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = k, str(v)
     onnx.checker.check_model(onnx_model)
     onnx.shape_inference.infer_shapes(onnx_model, check_type=True, strict_mode=True)
     out_path.write_bytes(onnx_model.SerializeToString())
-    return mapping
+    return ExportResult(mapping, used, opset, reason)
 
 
 def check_zero_pattern(onnx_model, masks: dict[str, np.ndarray], mapping: dict[str, str]) -> None:

@@ -367,3 +367,31 @@ def test_build_engine_script_uses_the_device_engine_cache(bundle, tmp_path):
     r = subprocess.run(["sh", str(b / "build_engine.sh")], env={**env, "EDGEGUARD_COMPUTE_CAPABILITY": "7.2"},
                        capture_output=True, text=True)
     assert r.returncode == 0 and len(calls.read_text().splitlines()) == 2  # another GPU: built again
+
+
+def test_dynamo_exporter_maps_masks_by_name_and_torchscript_is_only_a_fallback(protected, tmp_path, monkeypatch,
+                                                                               caplog):
+    import onnx
+
+    import converters.onnx_export as ox
+    from edgeguard.artifact import load_artifact
+
+    art = load_artifact(protected)
+    masks = art.mask.numpy()
+    r = ox.export_onnx(art.model, masks, tmp_path / "d.onnx")
+    assert r.exporter == "dynamo" and r.fallback_reason is None and r.opset == ox.OPSET
+    assert all(r.mapping[k] == k for k in masks)  # parameter names survive as initializer names
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}
+    assert meta["edgeguard_exporter"] == "dynamo"
+
+    def broken(*a, **k):
+        raise RuntimeError("torch.export could not trace this model")
+
+    monkeypatch.setattr(ox, "_export_dynamo", broken)
+    with caplog.at_level("WARNING"):
+        r = ox.export_onnx(art.model, masks, tmp_path / "t.onnx")
+    assert r.exporter == "torchscript" and "could not trace" in r.fallback_reason and r.opset == ox.LEGACY_OPSET
+    assert "using the TorchScript exporter" in caplog.text
+    assert set(r.mapping) == set(masks)  # mapped by scope / call order, the zero check passed
+    with pytest.raises(ox.ExportError, match="dynamo exporter failed"):
+        ox.export_onnx(art.model, masks, tmp_path / "x.onnx", exporter="dynamo")
