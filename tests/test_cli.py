@@ -93,6 +93,16 @@ def test_methods_protect_json_and_config_roundtrip(tmp_path):
     r = runner.invoke(main, ["protect", "--method", "map", "--source-model", str(src), "--target", "mnist_sample",
                              "--out", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "authorised (source) domain" in r.output
+    before = src.read_bytes()
+    r = runner.invoke(main, [*args, "--out", str(src)])
+    assert r.exit_code == 2 and "source model itself" in r.output and src.read_bytes() == before
+    (tmp_path / "folder.safetensors").mkdir()
+    r = runner.invoke(main, [*args, "--out", str(tmp_path / "folder.safetensors")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    for grid in ("0.1,,0.5", "", "0.5", "0,0.5", "0.1,nan"):
+        r = runner.invoke(main, ["evaluate", str(out), "--target", "usps_sample", "--report", str(tmp_path / "rep"),
+                                 "--grid", grid])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--grid" in r.output, (grid, r.output)
 
 
 def test_long_run_in_a_log_shows_progress_and_files_follow_the_umask(tmp_path):
