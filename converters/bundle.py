@@ -8,6 +8,7 @@ import contextlib
 import datetime as _dt
 import glob
 import io
+import json
 import os
 import shutil
 import sys
@@ -133,8 +134,6 @@ def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, targ
 def is_bundle(path: Path) -> bool:
     """An edgeguard bundle folder (what `build` may replace): a manifest.json our converters wrote."""
     try:
-        import json
-
         m = json.loads((path / "manifest.json").read_text())
         return isinstance(m, dict) and str(m.get("producer", "")).startswith("edgeguard")
     except (OSError, ValueError):

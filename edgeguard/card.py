@@ -7,8 +7,9 @@ which checks every field's type and says which one is wrong. Version-1 files (fr
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from dataclasses import asdict, dataclass, field
+
+from runtime.manifest import is_finite_number, is_text
 
 from .domains.base import MEAN, STD
 from .errors import EdgeguardError
@@ -104,27 +105,13 @@ def _fail(where: str, key: str, want: str, got) -> EdgeguardError:
 
 
 def _name(v, where: str, key: str) -> str:
-    ok = isinstance(v, str) and 0 < len(v) <= MAX_NAME and "\x00" not in v
-    if ok:
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate
-            ok = False
-    if not ok:
+    if not (is_text(v, MAX_NAME) and v):
         raise _fail(where, key, f"a non-empty UTF-8 string of at most {MAX_NAME} characters", v)
     return v
 
 
-def _finite(v) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def _number(v, where: str, key: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) \
-            or (lo is not None and v < lo) or (hi is not None and v > hi):
+    if not is_finite_number(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
         raise _fail(where, key, f"a finite number{rng}", v)
     return float(v)

@@ -189,25 +189,24 @@ def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, op
         _emit_json({**res, "report": str(Path(report_dir) / "report.md")})
 
 
-def _method_names() -> list[str]:
-    from .methods import list_methods
+def _method_help(name: str) -> str:
+    """One method's summary, the data it needs and every setting (type, default, meaning)."""
+    from .config import format_help
+    from .methods import get_method
 
-    return [m.name for m in list_methods()]
+    m = get_method(name)
+    return (f"{m.name}: {m.summary}\nneeds: {m.describe_needs()}\nsettings (--set KEY=VALUE):\n"
+            + format_help(m.config_cls))
 
 
 def _print_method_config(ctx, param, value) -> None:
     """--help-config: every field of the chosen method's config (type, default, meaning), then exit."""
     if not value or ctx.resilient_parsing:
         return
-    from .config import format_help
-    from .methods import get_method
-
     name = ctx.params.get("method")
     if not name:
         raise click.UsageError("--help-config needs --method NAME before it")
-    m = get_method(name)
-    click.echo(f"{m.name}: {m.summary}\nneeds: {m.describe_needs()}\nsettings (--set KEY=VALUE):")
-    click.echo(format_help(m.config_cls))
+    click.echo(_method_help(name))
     ctx.exit(0)
 
 
@@ -259,13 +258,10 @@ def protect(method, source_model, target, out, setting, config_file, overrides, 
 @click.argument("name", required=False)
 def methods_cmd(name) -> None:
     """List the protection methods; with NAME, every setting of that method."""
-    from .config import format_help
-    from .methods import get_method, list_methods
+    from .methods import list_methods
 
     if name:
-        m = get_method(name)
-        click.echo(f"{m.name}: {m.summary}\nneeds: {m.describe_needs()}\nsettings (--set KEY=VALUE):")
-        click.echo(format_help(m.config_cls))
+        click.echo(_method_help(name))
         return
     for m in list_methods():
         click.echo(f"  {m.name:<10} {m.summary}")

@@ -115,10 +115,6 @@ def _set_path(cfg, parts: list[str], raw: str, full: str):
     return dataclasses.replace(cfg, **{name: value})
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def from_dict(cls, data: dict, where: str = "config"):
     """Build a config from a JSON-style dict (nested dicts for nested configs), checking every key and type."""
     if not isinstance(data, dict):

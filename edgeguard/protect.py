@@ -91,8 +91,8 @@ def make_config(method: str, config=None, overrides=(), config_file: str | os.Pa
     return cfg
 
 
-def _accuracy(model, domain, device) -> float:
-    return evaluate(model, TensorData.from_numpy(domain.test_x, domain.test_y, device))
+def _test_split(domain, device) -> TensorData | None:
+    return TensorData.from_numpy(domain.test_x, domain.test_y, device) if domain is not None else None
 
 
 def _train_split(domain, device, labels: bool) -> TensorData:
@@ -127,24 +127,24 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     tgt_dom = get_domain(target, data_root) if target else None
     if tgt_dom is not None and tgt_dom.num_classes != card.num_classes:
         raise EdgeguardError(f"target {target} has {tgt_dom.num_classes} classes, the model {card.num_classes}")
-    if needs.source_images:
+    try:
         src_dom = get_domain(card.source_domain, data_root)
-    else:  # the method does without source data; measure the source where it happens to be available
-        try:
-            src_dom = get_domain(card.source_domain, data_root)
-        except EdgeguardError:
-            src_dom = None
+    except EdgeguardError:
+        if needs.source_images:
+            raise
+        src_dom = None  # the method does without source data; the source is measured only where it is here
     data = ProtectionData(
         source=_train_split(src_dom, dev, needs.source_labels) if needs.source_images else None,
         target=_train_split(tgt_dom, dev, needs.target_labels) if needs.target_images else None,
         num_classes=card.num_classes, device=dev)
     model = art.model
-    before = {"source": _accuracy(model, src_dom, dev) if src_dom is not None else None,
-              "target": _accuracy(model, tgt_dom, dev) if tgt_dom is not None else None}
+    tests = {"source": _test_split(src_dom, dev), "target": _test_split(tgt_dom, dev)}  # before and after
+    before = {role: evaluate(model, t) if t is not None else None for role, t in tests.items()}
+    source_sha = sha256_file(source_model)
 
     ckpt_dir = out.with_name(out.name + ".ckpt")
     run_key = json.dumps({"method": m.name, "config": dataclasses.asdict(cfg), "target": target,
-                          "source_model_sha256": sha256_file(source_model)}, sort_keys=True, default=str)
+                          "source_model_sha256": source_sha}, sort_keys=True, default=str)
     _prepare_checkpoints(ckpt_dir, run_key, resume)
 
     torch.manual_seed(cfg.seed)
@@ -155,15 +155,14 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     protected = result.model
     result.mask.to(dev).bake_(protected)
     accs = []
-    if src_dom is not None:
-        accs.append(DomainAccuracy(card.source_domain, "source", _accuracy(protected, src_dom, dev), before["source"]))
-    if tgt_dom is not None:
-        accs.append(DomainAccuracy(target, "target", _accuracy(protected, tgt_dom, dev), before["target"]))
+    for role, domain in (("source", card.source_domain), ("target", target)):
+        if tests[role] is not None:
+            accs.append(DomainAccuracy(domain, role, evaluate(protected, tests[role]), before[role]))
     new_card = dataclasses.replace(
         card, method=m.name, method_config=dataclasses.asdict(cfg), target_domains=[target] if target else [],
         accuracies=accs, training=None,
         protection={"history": result.history, "seconds": round(seconds, 2), "data": needs.describe(),
-                    "source_model_sha256": sha256_file(source_model), **result.notes})
+                    "source_model_sha256": source_sha, **result.notes})
     save_artifact(out, protected.cpu(), new_card, result.mask)
     atomic_write_text(out.with_name(out.name + ".config.json"), config_json(m, cfg))
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -42,15 +42,20 @@ def _inside(bundle: Path, rel: str) -> Path:
     return p
 
 
-def _sha256_of(path: Path, rel: str) -> str:
+def _read(path: Path, rel: str, reader):
+    """`reader(path)` of a listed file, which must exist and be a regular file; one-line errors otherwise."""
     try:
         if not path.exists():
             raise IntegrityError(f"files: {rel} is listed in the manifest but missing")
         if not path.is_file():
             raise IntegrityError(f"files: {rel} is not a regular file")
-        return sha256_file(path)
+        return reader(path)
     except OSError as e:
         raise IntegrityError(f"files: cannot read {rel} ({e.strerror or type(e).__name__})") from None
+
+
+def _sha256_of(path: Path, rel: str) -> str:
+    return _read(path, rel, sha256_file)
 
 
 def unlisted_files(bundle: Path, manifest: Manifest) -> list[str]:
@@ -132,9 +137,7 @@ def verify_bundle(bundle: str | Path, public_key: str | Path | None = None, engi
                              "a bundle carries nothing else (remove it, or rebuild the bundle)")
     checks.append(Check("files", True, f"{1 + len(manifest.files)} files match their sha256; nothing unlisted"))
 
-    bits_path = _inside(bundle, manifest.mask.file)
-    _sha256_of(bits_path, manifest.mask.file)
-    bits = bits_path.read_bytes()
+    bits = _read(_inside(bundle, manifest.mask.file), manifest.mask.file, Path.read_bytes)
     if maskbits.digest(bits) != manifest.mask.sha256:
         raise IntegrityError(f"mask: sha256 of {manifest.mask.file} does not match the manifest")
     try:

@@ -140,26 +140,34 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 1e300
-
-
-def _is_text(v) -> bool:
-    if not isinstance(v, str) or len(v) > MAX_STR or "\x00" in v:
+def is_finite_number(v) -> bool:
+    """An int or float (never a bool) that is finite and at most 1e300 in size (a 5000-digit int is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
     try:
-        v.encode("utf-8")  # a lone surrogate cannot become a file name or a line of output
+        return math.isfinite(v) and abs(v) <= 1e300
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def is_text(v, max_len: int = MAX_STR) -> bool:
+    """A string of at most `max_len` characters, without NUL, that UTF-8 can encode (no lone surrogate, so it
+    can become a file name or a line of output)."""
+    if not isinstance(v, str) or len(v) > max_len or "\x00" in v:
+        return False
+    try:
+        v.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
 
 
 _SCALARS = {  # type → (accepts, what the error says is expected); bool is never a number here
-    float: (_is_number, "a finite number"),
+    float: (is_finite_number, "a finite number"),
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_INT,
           f"an integer of at most {MAX_INT}"),
     bool: (lambda v: isinstance(v, bool), "true or false"),
-    str: (_is_text, f"a UTF-8 string of at most {MAX_STR} characters without NUL"),
+    str: (is_text, f"a UTF-8 string of at most {MAX_STR} characters without NUL"),
 }
 
 
@@ -251,7 +259,7 @@ def _semantics(m: Manifest) -> None:
     _unit(m.mask.sparsity, "mask.sparsity")
     names = set()
     for i, entry in enumerate(m.mask.layout):
-        ok = (isinstance(entry, list) and len(entry) == 2 and _is_text(entry[0]) and isinstance(entry[1], list)
+        ok = (isinstance(entry, list) and len(entry) == 2 and is_text(entry[0]) and isinstance(entry[1], list)
               and len(entry[1]) <= 8 and all(type(d) is int and 0 <= d <= MAX_MASK_ENTRIES for d in entry[1]))
         if not ok:
             raise BundleError(f"manifest field mask.layout[{i}]: expected [name, [dims…]] with integer dims")

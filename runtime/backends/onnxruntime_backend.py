@@ -50,11 +50,12 @@ class OnnxRuntimeBackend:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
-            if "TensorrtExecutionProvider" in wanted:
-                (Path(provider_options(wanted, precision)[0]["trt_engine_cache_path"])).mkdir(parents=True,
-                                                                                              exist_ok=True)
+            options = provider_options(wanted, precision)
+            for o in options:
+                if "trt_engine_cache_path" in o:
+                    Path(o["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=wanted,
-                                                provider_options=provider_options(wanted, precision))
+                                                provider_options=options)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
         inputs = [i.name for i in self.session.get_inputs()]
