@@ -46,11 +46,13 @@ def cmd_validate(args) -> int:
     bundle = Path(args.bundle)
     report: dict = {"bundle": str(bundle), "checks": [], "ok": False}
     try:
+        from .integrity import protection_status
+
         manifest, checks = _verified(args)
-        prot = next(c for c in checks if c.name == "protection")
-        print(f"  {'ok' if prot.ok else 'NOTE':<5} {'protection':<12} {prot.detail}")
-        report["protection"] = prot.detail
-        report["protected"] = prot.ok
+        protected, line = protection_status(manifest)
+        print(f"  {'ok' if protected else 'NOTE':<5} {'protection':<12} {line}")
+        report["protection"] = line
+        report["protected"] = protected
         report["checks"] = [c.__dict__ for c in checks]
         backend = _backend(args, manifest, bundle)
         report["backend"] = backend.describe()
@@ -80,8 +82,7 @@ def cmd_validate(args) -> int:
         return e.exit_code
     _write(args, report)
     for c in report["checks"]:
-        if c["name"] != "protection":
-            print(f"  ok    {c['name']:<12} {c['detail']}")
+        print(f"  ok    {c['name']:<12} {c['detail']}")
     for r in report["accuracy"]:
         bound = (f"≥ {r['min_accuracy'] * 100:.1f}%" if r["min_accuracy"] is not None else
                  f"≤ {r['max_accuracy'] * 100:.1f}%" if r["max_accuracy"] is not None else "")

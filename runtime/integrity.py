@@ -58,6 +58,13 @@ def _sha256_of(path: Path, rel: str) -> str:
     return _read(path, rel, sha256_file)
 
 
+def protection_status(manifest: Manifest) -> tuple[bool, str]:
+    """(protected?, the line a person reads) from the manifest's protection record."""
+    if manifest.protection is None:
+        return False, "not stated (a schema-1 bundle)"
+    return manifest.protection.protected, manifest.protection.summary
+
+
 def unlisted_files(bundle: Path, manifest: Manifest) -> list[str]:
     """Files in the bundle folder that the signed manifest does not list (nor the device wrote itself)."""
     listed = {manifest.model.path, manifest.mask.file, manifest.authorised.file,
@@ -116,9 +123,6 @@ def verify_bundle(bundle: str | Path, public_key: str | Path | None = None, engi
     manifest, _ = read_manifest(bundle, key, require_signature=require_signature)  # authenticated, then parsed
     checks: list[Check] = [Check("signature", True, "manifest.sig verifies (Ed25519)" if key is not None
                                  else "not checked (--allow-unsigned)")]
-    checks.append(Check("protection", manifest.protection is not None and manifest.protection.protected,
-                        manifest.protection.summary if manifest.protection is not None
-                        else "not stated (a schema-1 bundle)"))
 
     for entry in [manifest.model, *manifest.files]:
         digest = _sha256_of(_inside(bundle, entry.path), entry.path)
