@@ -163,13 +163,24 @@ def domains(data_root) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Cap the target training pool.")
 @click.option("--max-test", type=click.IntRange(min=1), default=None, help="Cap the target test set.")
+@click.option("--executor", type=click.Choice(["local", "processes", "ray"]), default="local", show_default=True,
+              help="local: stacks in this process; processes: --workers processes (worker i on cuda:i mod n); "
+                   "ray: one Ray task per stack (pip install -e '.[ray]').")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs trained at once, one process each (they share the CPU cores or the GPU).")
+              help="Processes for --executor processes.")
+@click.option("--max-stack", type=click.IntRange(min=1), default=None,
+              help="Runs trained as one stacked model (default 2 on a CPU, 32 on a GPU).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Attack arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (auto or HOST:PORT); default: a local Ray.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPUs each Ray task reserves on a CPU cluster.")
 @data_root_option
 @device_option
 @json_option
 def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
-                 batch_size, max_train, max_test, workers, data_root, device, as_json) -> None:
+                 batch_size, max_train, max_test, executor, workers, max_stack, precision, ray_address,
+                 cpus_per_task, data_root, device, as_json) -> None:
     """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
     from .evaluation.attack import parse_attack
     from .evaluation.runner import EvalConfig, evaluate_model
@@ -178,7 +189,9 @@ def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, op
     recipes = [parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
                             batch_size=batch_size) for a in attacks]
     cfg = EvalConfig(target=target, attacks=recipes, grid=parse_grid(grid), seeds=seeds, max_train=max_train,
-                     max_test=max_test, device=device, data_root=data_root, workers=workers)
+                     max_test=max_test, device=device, data_root=data_root, workers=workers, executor=executor,
+                     max_stack=max_stack, precision=precision, ray_address=ray_address,
+                     cpus_per_task=cpus_per_task)
     res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
     for e in res["attacks"]:
         m, s = e["slc_auc"]

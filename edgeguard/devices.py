@@ -22,8 +22,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     raise EdgeguardError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where fp32 is faster for small nets."""
+def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
+    """bf16 autocast on CUDA (no loss scaling needed); on CPU only when asked (`cpu`): the attack engine asks,
+    methods and source training stay fp32 there."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

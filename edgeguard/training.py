@@ -94,6 +94,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = False  # NHWC activations (faster for convs on CPU and GPU; set for attacks)
+    cpu_bf16: bool = False  # bf16 autocast on CPU too (attacks, where the scratch baseline shares it)
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -226,7 +228,7 @@ def run_loop(
         count = 0
         bar = progress(batches(epoch, gen), desc=f"{desc} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch)
         for batch in bar:
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp, cfg.cpu_bf16):
                 loss, metrics = step(batch)
             if not torch.isfinite(loss):
                 raise EdgeguardError(f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; "
@@ -260,6 +262,9 @@ def _cfg_key(cfg: TrainConfig) -> str:
     d = asdict(cfg)
     d.pop("epochs")  # extending a run's epochs is allowed
     d.pop("device")
+    for k in ("channels_last", "cpu_bf16"):  # engine settings added later: old checkpoints still resume
+        if not d[k]:
+            d.pop(k)
     return json.dumps(d, sort_keys=True)
 
 
@@ -334,6 +339,8 @@ def classification_step(model: nn.Module, cfg: TrainConfig) -> StepFn:
         x = normalize(batch.x)
         if cfg.augment_shift or cfg.augment_flip:
             x = augment(x, gen, cfg.augment_shift, cfg.augment_flip)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)
         loss = F.cross_entropy(logits.float(), batch.y)
         return loss, {"loss": float(loss.detach()),
@@ -363,6 +370,8 @@ def train_classifier(
     """
     device = resolve_device(cfg.device)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     train = train.to(device)
     if len(train) == 0:
         raise EdgeguardError("the training set is empty")

@@ -82,36 +82,41 @@ def test_free_attack_regrows_pruned_weights(zeroed_model, tmp_path):
 
 
 def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypatch):
+    """Killed mid-stack (one run of a stack logged, its partner not), the evaluation resumes and ends with the
+    same report; the same grid through worker processes gives the same runs."""
     import edgeguard.evaluation.runner as runner
 
     cfg = _cfg(grid=(0.02, 0.05, 0.1), seeds=1)
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_a"))
     full = evaluate_model(mnist_model, cfg, tmp_path / "a")
+    assert full["engine"]["stacks"] == 3  # protected + scratch of one ratio per stack
 
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_b"))
-    real = runner.run_point
+    real = runner._row
     calls = {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 4:  # the second run of the second stack
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "run_point", dying)
+    monkeypatch.setattr(runner, "_row", dying)
     with pytest.raises(KeyboardInterrupt):
         evaluate_model(mnist_model, cfg, tmp_path / "b")
-    assert len((tmp_path / "b" / "runs.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(runner, "run_point", real)
+    assert len((tmp_path / "b" / "runs.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(runner, "_row", real)
     resumed = evaluate_model(mnist_model, cfg, tmp_path / "b")
     assert resumed["attacks"][0]["protected"] == full["attacks"][0]["protected"]
     assert resumed["attacks"][0]["scratch"] == full["attacks"][0]["scratch"]
     rows = [json.loads(x) for x in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 3 protected + 3 scratch, none run twice
 
-    # the same grid in two worker processes: same runs, same numbers (up to float summation order)
+    # the same grid in two worker processes: same runs, same numbers up to float summation order (a worker has
+    # one thread, not two)
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_c"))
-    par = evaluate_model(mnist_model, _cfg(grid=(0.02, 0.05, 0.1), seeds=1, workers=2), tmp_path / "c")
+    par = evaluate_model(mnist_model, _cfg(grid=(0.02, 0.05, 0.1), seeds=1, executor="processes", workers=2),
+                         tmp_path / "c")
     for kind in ("protected", "scratch"):
         assert np.allclose(par["attacks"][0][kind], full["attacks"][0][kind], atol=0.02)
     assert len((tmp_path / "c" / "runs.jsonl").read_text().splitlines()) == 6
@@ -160,7 +165,7 @@ def test_killed_evaluate_leaves_no_worker_behind(mnist_model, tmp_path):
     import time
 
     p = subprocess.Popen([sys.executable, "-m", "edgeguard.cli", "evaluate", str(mnist_model), "--target", "usps",
-                          "--grid", "0.2,0.5,1.0", "--workers", "2", "--report", str(tmp_path / "r"),
+                          "--grid", "0.2,0.5,1.0", "--executor", "processes", "--workers", "2", "--report", str(tmp_path / "r"),
                           "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env={**os.environ, "EDGEGUARD_CACHE": str(tmp_path / "cache")})
     deadline = time.time() + 120

@@ -18,7 +18,8 @@ from ..devices import resolve_device
 from ..errors import EdgeguardError
 from ..masks import MaskSet
 from ..models import create_model
-from ..training import TensorData, TrainConfig, evaluate, train_classifier
+from ..training import TensorData, TrainConfig, train_classifier
+from .stacked import StackRun
 
 NAMED_ATTACKS = {
     "direct-all": ("all", "kept"),
@@ -54,10 +55,13 @@ class AttackRecipe:
         base = {v: k for k, v in NAMED_ATTACKS.items()}[(self.train, self.head)]
         return f"{base}/{self.pruned}"
 
-    def train_config(self, seed: int, device: str) -> TrainConfig:
+    def train_config(self, seed: int, device: str, cpu_bf16: bool = False) -> TrainConfig:
+        """The recipe as a training config; the memory layout and CPU precision are the engine's, not the
+        recipe's (they change speed, not what a run learns beyond float rounding)."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, scheduler="none",
-                           augment_shift=self.augment_shift, seed=seed, device=device)
+                           augment_shift=self.augment_shift, seed=seed, device=device, channels_last=True,
+                           cpu_bf16=cpu_bf16)
 
     def key(self) -> dict:
         """The recipe as a dict: names runs in runs.jsonl and the scratch cache (a field at its original
@@ -106,11 +110,10 @@ def _reinit_head(model: nn.Module, seed: int) -> None:
                 m.reset_parameters()
 
 
-def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,
-              seed: int, device: str = "auto") -> nn.Module:
-    """Fine-tune a copy of `model` on `train` by `recipe`; returns the copy (the input is never modified)."""
-    dev = resolve_device(device)
-    m = copy.deepcopy(model).to(dev)
+def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int,
+                 device: torch.device) -> tuple[nn.Module, MaskSet | None]:
+    """The attacker's starting copy (head re-initialised if the recipe says so) and the mask it keeps."""
+    m = copy.deepcopy(model).to(device)
     for p in m.parameters():
         p.requires_grad_(True)
     if recipe.head == "reinit":
@@ -119,16 +122,30 @@ def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe:
     if mask is not None and recipe.pruned == "masked":
         keep = {k: v for k, v in mask.masks.items()
                 if not (recipe.head == "reinit" and k.startswith("head."))}  # a new head is the attacker's own
-        use_mask = MaskSet(keep).to(dev)
-    if recipe.train == "head":
+        use_mask = MaskSet(keep).to(device)
+    return m, use_mask
+
+
+def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,
+              seed: int, device: str = "auto", cpu_bf16: bool = False) -> nn.Module:
+    """Fine-tune a copy of `model` on `train` by `recipe`; returns the copy (the input is never modified)."""
+    dev = resolve_device(device)
+    m, use_mask = attack_start(model, mask, recipe, seed, dev)
+    return train_run(StackRun(m, train, recipe.train_config(seed, str(dev), cpu_bf16), use_mask,
+                              head_only=recipe.train == "head"), f"attack {recipe.name}")
+
+
+def train_run(run: StackRun, desc: str = "attack") -> nn.Module:
+    """One run trained on its own (the sequential path; the stacked engine trains many at once)."""
+    m = run.model
+    if run.head_only:
         for p in m.encoder.parameters():
             p.requires_grad_(False)
         params, modules = list(m.head.parameters()), {"head": m.head}
     else:
         params, modules = list(m.parameters()), None
-    torch.manual_seed(seed)
-    train_classifier(m, train, recipe.train_config(seed, str(dev)), params=params, mask=use_mask,
-                     train_modules=modules, desc=f"attack {recipe.name}")
+    torch.manual_seed(run.cfg.seed)
+    train_classifier(m, run.data, run.cfg, params=params, mask=run.mask, train_modules=modules, desc=desc)
     return m
 
 
@@ -137,16 +154,3 @@ def scratch_model(arch: str, num_classes: int, seed: int, arch_args: dict | None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_model(arch, num_classes, **(arch_args or {}))
-
-
-def run_point(model: nn.Module, mask: MaskSet | None, train: TensorData, test: TensorData, ratio: float,
-              recipe: AttackRecipe, seed: int, num_classes: int, device: str = "auto") -> dict:
-    """One point of a learning curve: fine-tune on the ratio's subset, report final-epoch test accuracy."""
-    idx = stratified_subset(train.y.cpu().numpy(), ratio, seed, num_classes)
-    tuned = fine_tune(model, mask, train.take(idx), recipe, seed, device)
-    acc = evaluate(tuned, test.to(next(tuned.parameters()).device))
-    out = {"ratio": ratio, "n": int(len(idx)), "seed": seed, "accuracy": acc}
-    if mask is not None:
-        bad = MaskSet(mask.masks).violations(dict(tuned.named_parameters()))
-        out["regrown_weights"] = int(sum(max(v, 0) for v in bad.values()))
-    return out

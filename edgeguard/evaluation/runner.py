@@ -3,15 +3,19 @@
 Every finished fine-tuning run is appended to DIR/runs.jsonl at once, so a killed evaluation resumes from
 the runs already done. Scratch runs (random init, same subsets and recipe) are cached per point under
 $EDGEGUARD_CACHE/scratch keyed by (architecture, domain, recipe, ratio, seed, data cap): trained once, reused.
+Runs are packed into stacks (`stacked.py`) and the stacks handed to an executor: `local` (this process),
+`processes` (`--workers` spawned processes, worker i on cuda:i mod n) or `ray` (one Ray task per stack).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.fileio import atomic_write_text
@@ -20,11 +24,16 @@ from ..artifact import Artifact, load_artifact
 from ..devices import resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
+from ..masks import MaskSet
 from ..progress import progress
 from ..training import TensorData, evaluate
-from .attack import AttackRecipe, run_point, scratch_model
+from .attack import AttackRecipe, attack_start, scratch_model, stratified_subset, train_run
 from .metrics import direct_metrics, mean_std
 from .slc_auc import DEFAULT_GRID, slc_auc
+from .stacked import StackRun, train_stack
+
+EXECUTORS = ("local", "processes", "ray")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,10 @@ class RunJob:
     ratio: float
     key: str
 
+    @property
+    def trains_head_only(self) -> bool:
+        return self.kind != "scratch" and self.recipe.train == "head"
+
 
 @dataclass
 class EvalConfig:
@@ -49,7 +62,45 @@ class EvalConfig:
     max_test: int | None = None
     device: str = "auto"
     data_root: str | None = None
-    workers: int = 1  # runs trained at once, each in its own process (CPU threads or one GPU shared)
+    workers: int = 1  # processes for --executor processes (worker i on cuda:i mod n)
+    executor: str = "local"  # local | processes | ray
+    max_stack: int | None = None  # runs per stack (None: the device's default, see default_max_stack)
+    precision: str = "auto"  # auto: bf16 autocast where the CPU has native bf16, and on CUDA; fp32
+    ray_address: str | None = None  # None: start a local Ray; auto or HOST:PORT: join a cluster
+    cpus_per_task: int = 1  # Ray: CPUs reserved per stack on a CPU cluster
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise EdgeguardError("--seeds must be at least 1")
+        if self.executor not in EXECUTORS:
+            raise EdgeguardError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.precision not in PRECISIONS:
+            raise EdgeguardError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_stack is not None and self.max_stack < 1:
+            raise EdgeguardError("--max-stack must be at least 1")
+        if self.workers < 1 or self.cpus_per_task < 1:
+            raise EdgeguardError("--workers and --cpus-per-task must be at least 1")
+        if self.executor == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise EdgeguardError("--executor ray needs Ray: pip install -e '.[ray]'") from None
+
+
+def default_max_stack(device) -> int:
+    """Runs per stack: on a CPU a stack larger than 2 spills the caches and each run gets slower (RESULTS);
+    a GPU is far from full with one small run."""
+    return 32 if resolve_device(device).type == "cuda" else 2
+
+
+def cpu_bf16(precision: str, device) -> bool:
+    """Whether attacks autocast to bf16 on this CPU (CUDA always does unless fp32 is asked for)."""
+    import torch
+
+    if precision == "fp32" or resolve_device(device).type != "cpu":
+        return False
+    return precision == "bf16" or bool(torch.backends.mkldnn.is_available()
+                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _key(d: dict) -> str:
@@ -89,31 +140,10 @@ class RunLog:
             os.fsync(f.fileno())
 
 
-def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: str | os.PathLike,
-                   unprotected: str | os.PathLike | None = None) -> dict:
-    """Run the grid for every attack (protected, scratch, and the unprotected model if given); write reports."""
-    from .report import write_report
-
-    report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(cfg.device)
-    art = load_artifact(model_path, dev)
-    ref = load_artifact(unprotected, dev) if unprotected else None
-    dom = get_domain(cfg.target, cfg.data_root)
-    if dom.num_classes != art.card.num_classes:
-        raise EdgeguardError(f"target {cfg.target} has {dom.num_classes} classes but the model "
-                             f"{art.card.num_classes}; the attack needs the same label space")
-    if ref is not None and (ref.card.arch != art.card.arch):
-        raise EdgeguardError("--unprotected must be the same architecture as the protected model")
-    if cfg.seeds < 1:
-        raise EdgeguardError("--seeds must be at least 1")
-    dom = dom.subset(cfg.max_train, cfg.max_test)
-    train = TensorData.from_numpy(dom.train_x, dom.train_y, dev)
-    test = TensorData.from_numpy(dom.test_x, dom.test_y, dev)
-    model_sha = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
-    ref_sha = hashlib.sha256(Path(unprotected).read_bytes()).hexdigest() if unprotected else None
+def grid_jobs(art: Artifact, ref: Artifact | None, cfg: EvalConfig, model_sha: str, ref_sha: str | None
+              ) -> list[RunJob]:
+    """Every run of the grid: protected (and unprotected) per recipe, scratch per distinct scratch recipe."""
     data_key = {"domain": cfg.target, "max_train": cfg.max_train, "max_test": cfg.max_test}
-
     jobs: list[RunJob] = []
     for recipe in cfg.attacks:
         for seed in range(cfg.seeds):
@@ -129,6 +159,32 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
                 jobs.append(RunJob("scratch", recipe, seed, ratio,
                                    _key({"arch": art.card.arch, "arch_args": art.card.arch_args,
                                          "r": _recipe_for_scratch(recipe), "s": seed, "ratio": ratio, **data_key})))
+    return jobs
+
+
+def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: str | os.PathLike,
+                   unprotected: str | os.PathLike | None = None) -> dict:
+    """Run the grid for every attack (protected, scratch, and the unprotected model if given); write reports."""
+    from .report import write_report
+
+    cfg.validate()
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(cfg.device)
+    art = load_artifact(model_path, dev)
+    ref = load_artifact(unprotected, dev) if unprotected else None
+    dom = get_domain(cfg.target, cfg.data_root)
+    if dom.num_classes != art.card.num_classes:
+        raise EdgeguardError(f"target {cfg.target} has {dom.num_classes} classes but the model "
+                             f"{art.card.num_classes}; the attack needs the same label space")
+    if ref is not None and (ref.card.arch != art.card.arch):
+        raise EdgeguardError("--unprotected must be the same architecture as the protected model")
+    dom = dom.subset(cfg.max_train, cfg.max_test)
+    train = TensorData.from_numpy(dom.train_x, dom.train_y, dev)
+    test = TensorData.from_numpy(dom.test_x, dom.test_y, dev)
+    model_sha = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    ref_sha = hashlib.sha256(Path(unprotected).read_bytes()).hexdigest() if unprotected else None
+    jobs = grid_jobs(art, ref, cfg, model_sha, ref_sha)
 
     log = RunLog(report_dir / "runs.jsonl")
     cache_dir = _scratch_cache()
@@ -151,17 +207,23 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
             atomic_write_text(cache_dir / f"{row['key']}.json", json.dumps(row))
         log.add(row)
 
+    labels = dom.train_y
+    steps = {j.key: _steps(j, labels, dom.num_classes) for j in jobs}
+    stacks = plan_stacks(todo, steps, cfg.max_stack or default_max_stack(dev))
     t0 = time.perf_counter()
-    bar = progress(None, desc=f"evaluate → {cfg.target}", total=len(jobs))
-    bar.update(len(jobs) - len(todo))
+    bar = progress(None, desc=f"evaluate → {cfg.target}", total=sum(steps.values()))
+    bar.update(sum(steps.values()) - sum(steps[j.key] for j in todo))
     try:
-        if cfg.workers <= 1 or len(todo) <= 1:
-            ctx = _Context(art, ref, train, test, dom.num_classes, str(dev))
-            for job in todo:
-                finished(_run_job(ctx, job))
-                bar.update(1)
-        else:
-            _run_parallel(model_path, unprotected, cfg, todo, finished, bar)
+        if stacks:
+            task = TaskSpec(str(model_path), str(unprotected) if unprotected else None, cfg)
+            if cfg.executor == "local":
+                ctx = _Context(art, ref, train, test, dom.num_classes, str(dev), cpu_bf16(cfg.precision, dev))
+                for stack in stacks:
+                    run_stack(ctx, stack, finished, bar.update)
+            elif cfg.executor == "processes":
+                _run_processes(task, stacks, finished, bar, steps)
+            else:
+                _run_ray(task, stacks, finished, bar, steps)
     finally:
         bar.close()
     wall = time.perf_counter() - t0
@@ -169,13 +231,31 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
     results = summarise(art, ref, cfg, jobs, log, dom_name=cfg.target, test=test)
     results["wall_seconds"] = round(wall, 2)
     results["device"] = str(dev)
+    results["engine"] = {"executor": cfg.executor, "stacks": len(stacks), "runs": len(todo),
+                         "max_stack": cfg.max_stack or default_max_stack(dev),
+                         "cpu_bf16": cpu_bf16(cfg.precision, dev)}
     write_report(results, report_dir)
     return results
 
 
+def _steps(job: RunJob, labels, num_classes: int) -> int:
+    n = len(stratified_subset(labels, job.ratio, job.seed, num_classes))
+    return job.recipe.epochs * math.ceil(n / job.recipe.batch_size)
+
+
+def plan_stacks(todo: list[RunJob], steps: dict[str, int], max_stack: int) -> list[list[RunJob]]:
+    """Pack runs into stacks of at most `max_stack`: runs that can share one (one optimizer family, all or
+    head-only training) grouped, longest first, so runs of equal step count end up side by side."""
+    groups: dict[tuple, list[RunJob]] = {}
+    for j in sorted(todo, key=lambda j: (-steps[j.key], j.kind, j.seed)):
+        groups.setdefault((j.recipe.optimizer, j.trains_head_only), []).append(j)
+    stacks = [g[i : i + max_stack] for g in groups.values() for i in range(0, len(g), max_stack)]
+    return sorted(stacks, key=lambda s: -max(steps[j.key] for j in s))
+
+
 @dataclass
 class _Context:
-    """What every run needs: the models, the target data, the device."""
+    """What every run needs: the models, the target data, the device, the CPU precision."""
 
     art: Artifact
     ref: Artifact | None
@@ -183,25 +263,94 @@ class _Context:
     test: TensorData
     num_classes: int
     device: str
+    cpu_bf16: bool = False
 
 
-def _run_job(ctx: _Context, job: RunJob) -> dict:
-    t = time.perf_counter()
+def _prepare(ctx: _Context, job: RunJob) -> StackRun:
+    """The job's start model, subset, recipe and mask, exactly as a run on its own would use them."""
+    import torch
+
+    idx = stratified_subset(ctx.train.y.cpu().numpy(), job.ratio, job.seed, ctx.num_classes)
+    dev = torch.device(ctx.device)
     if job.kind == "scratch":
         card = ctx.art.card
-        start = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args)
-        point = run_point(start, None, ctx.train, ctx.test, job.ratio,
-                          AttackRecipe(**{**job.recipe.key(), "train": "all", "head": "kept"}), job.seed,
-                          ctx.num_classes, ctx.device)
+        recipe = replace(job.recipe, train="all", head="kept")
+        model = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args).to(dev)
+        mask = None
     else:
         src = ctx.art if job.kind == "protected" else ctx.ref
-        point = run_point(src.model, src.mask, ctx.train, ctx.test, job.ratio, job.recipe, job.seed, ctx.num_classes,
-                          ctx.device)
+        recipe = job.recipe
+        model, mask = attack_start(src.model, src.mask, recipe, job.seed, dev)
+    return StackRun(model, ctx.train.take(idx), recipe.train_config(job.seed, ctx.device, ctx.cpu_bf16), mask,
+                    head_only=recipe.train == "head")
+
+
+def _row(ctx: _Context, job: RunJob, run: StackRun, tuned, seconds: float, stack: int) -> dict:
+    acc = evaluate(tuned, ctx.test.to(next(tuned.parameters()).device))
+    point = {"ratio": job.ratio, "n": len(run.data), "seed": job.seed, "accuracy": acc}
+    src = ctx.art if job.kind == "protected" else ctx.ref if job.kind == "unprotected" else None
+    if src is not None and src.mask is not None:
+        bad = MaskSet(src.mask.masks).violations(dict(tuned.named_parameters()))
+        point["regrown_weights"] = int(sum(max(v, 0) for v in bad.values()))
     return {"key": job.key, "kind": job.kind, "attack": job.recipe.name if job.kind != "scratch" else "scratch",
-            "recipe": job.recipe.key(), **point, "seconds": round(time.perf_counter() - t, 3)}
+            "recipe": job.recipe.key(), **point, "seconds": round(seconds, 3), "stack": stack}
 
 
-_WORKER: _Context | None = None
+def run_stack(ctx: _Context, jobs: list[RunJob], finished: Callable[[dict], None],
+              on_steps: Callable[[int], None] | None = None) -> None:
+    """Train one stack; each run's row goes to `finished` as soon as that run is done."""
+    t = time.perf_counter()
+    runs = [_prepare(ctx, j) for j in jobs]
+
+    def done(i: int, model) -> None:
+        finished(_row(ctx, jobs[i], runs[i], model, time.perf_counter() - t, len(jobs)))
+
+    if len(runs) > 1 and train_stack(runs, ctx.device, on_done=done, progress=on_steps) is not None:
+        return
+    for job, run in zip(jobs, runs):  # one run, or an architecture the engine cannot stack
+        t = time.perf_counter()
+        tuned = train_run(run, f"attack {job.recipe.name if job.kind != 'scratch' else 'scratch'}")
+        finished(_row(ctx, job, run, tuned, time.perf_counter() - t, 1))
+        if on_steps:
+            on_steps(len(run.batch_sizes()))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a worker (process or Ray task) needs to rebuild the context: paths and the config."""
+
+    model_path: str
+    unprotected: str | None
+    cfg: EvalConfig
+
+
+_CONTEXTS: dict[tuple, _Context] = {}
+
+
+def _context(spec: TaskSpec, device: str) -> _Context:
+    """The worker's context, loaded once per (model, target, device) and reused by its later stacks."""
+    cfg = spec.cfg
+    key = (spec.model_path, spec.unprotected, cfg.target, cfg.max_train, cfg.max_test, cfg.data_root, device,
+           cfg.precision)
+    if key not in _CONTEXTS:
+        dev = resolve_device(device)
+        dom = get_domain(cfg.target, cfg.data_root).subset(cfg.max_train, cfg.max_test)
+        _CONTEXTS[key] = _Context(load_artifact(spec.model_path, dev),
+                                  load_artifact(spec.unprotected, dev) if spec.unprotected else None,
+                                  TensorData.from_numpy(dom.train_x, dom.train_y, dev),
+                                  TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),
+                                  cpu_bf16(cfg.precision, dev))
+    return _CONTEXTS[key]
+
+
+def stack_task(spec: TaskSpec, jobs: list[RunJob], device: str) -> list[dict]:
+    """A stack trained in a worker; its rows come back together."""
+    rows: list[dict] = []
+    run_stack(_context(spec, device), jobs, rows.append)
+    return rows
+
+
+_WORKER_DEVICE: str | None = None
 
 
 def _die_with_parent(parent: int) -> None:
@@ -228,44 +377,95 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker_init(model_path, unprotected, cfg: EvalConfig, threads: int, parent: int) -> None:
-    """Each worker process loads the models and the target data once, then takes runs."""
-    global _WORKER
+def worker_device(device: str, index: int) -> str:
+    """Worker i's device: cuda:(i mod n) when the evaluation runs on every GPU (`auto` or `cuda`), else as asked."""
+    import torch
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return str(dev)
+
+
+def _worker_init(spec: TaskSpec, threads: int, parent: int, counter) -> None:
+    """Each worker process takes the next index (its GPU), then loads the models and data once."""
+    global _WORKER_DEVICE
     import torch
 
     _die_with_parent(parent)
     torch.set_num_threads(threads)
-    dev = resolve_device(cfg.device)
-    dom = get_domain(cfg.target, cfg.data_root).subset(cfg.max_train, cfg.max_test)
-    _WORKER = _Context(load_artifact(model_path, dev), load_artifact(unprotected, dev) if unprotected else None,
-                       TensorData.from_numpy(dom.train_x, dom.train_y, dev),
-                       TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev))
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _WORKER_DEVICE = worker_device(spec.cfg.device, index)
+    _context(spec, _WORKER_DEVICE)
 
 
-def _worker_run(job: RunJob) -> dict:
-    return _run_job(_WORKER, job)
+def _worker_run(spec: TaskSpec, jobs: list[RunJob]) -> list[dict]:
+    return stack_task(spec, jobs, _WORKER_DEVICE)
 
 
-def _run_parallel(model_path, unprotected, cfg: EvalConfig, todo: list, finished, bar) -> None:
-    """Independent runs in `cfg.workers` spawned processes; each result is logged as soon as it arrives."""
+def _run_processes(spec: TaskSpec, stacks: list[list[RunJob]], finished, bar, steps: dict[str, int]) -> None:
+    """Stacks in `workers` spawned processes; each stack's rows are logged as soon as it returns."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    workers = min(cfg.workers, len(todo))
+    workers = min(spec.cfg.workers, len(stacks))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(str(model_path), str(unprotected) if unprotected else None, cfg, threads,
-                                       os.getpid())) as pool:
-        # longest runs (largest ratios) first, so no worker is left with a big one at the end
-        futures = [pool.submit(_worker_run, job) for job in sorted(todo, key=lambda j: -j.ratio)]
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("i", 0)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(spec, threads, os.getpid(), counter)) as pool:
+        futures = {pool.submit(_worker_run, spec, s): s for s in stacks}  # longest stacks first
         try:
             for fut in as_completed(futures):
-                finished(fut.result())
-                bar.update(1)
+                for row in fut.result():
+                    finished(row)
+                bar.update(sum(steps[j.key] for j in futures[fut]))
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+
+
+def _run_ray(spec: TaskSpec, stacks: list[list[RunJob]], finished, bar, steps: dict[str, int]) -> None:
+    """One Ray task per stack (one GPU each on a GPU cluster, else `cpus_per_task` CPUs); rows stream back into
+    runs.jsonl as tasks end, so a killed driver resumes from the stacks already done."""
+    import ray
+
+    import edgeguard
+
+    cfg = spec.cfg
+    if not ray.is_initialized():
+        src = str(Path(edgeguard.__file__).resolve().parent.parent)
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}}
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(cfg.cpus_per_task, os.cpu_count() or 1), runtime_env=env,
+                     include_dashboard=False, log_to_driver=False)
+    gpus = 1 if resolve_device(cfg.device).type == "cuda" else 0
+    remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=gpus)(_ray_stack)
+    pending = {remote.remote(spec, s): s for s in stacks}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                for row in ray.get(ref):
+                    finished(row)
+                bar.update(sum(steps[j.key] for j in pending.pop(ref)))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _ray_stack(spec: TaskSpec, jobs: list[RunJob]) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(max(1, spec.cfg.cpus_per_task))
+    device = "cuda" if resolve_device(spec.cfg.device).type == "cuda" else "cpu"
+    return stack_task(spec, jobs, device)
 
 
 def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs: list[RunJob], log: RunLog, dom_name: str,
