@@ -15,6 +15,7 @@ from _record import record
 from edgeguard.evaluation.attack import parse_attack
 from edgeguard.evaluation.metrics import direct_metrics, mean_std
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
+from edgeguard.evaluation.suites import get_suite
 from edgeguard.evaluation.slc_auc import parse_grid
 from edgeguard.protect import protect
 
@@ -45,7 +46,10 @@ def main() -> None:
                     "nested settings)")
     ap.add_argument("--out", default="runs/bench_protect")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=1, help="attack runs trained at once (processes)")
+    ap.add_argument("--executor", default="local", choices=["local", "processes", "ray"],
+                    help="how the attack runs are trained (see `edgeguard evaluate --help`)")
+    ap.add_argument("--workers", type=int, default=1, help="processes for --executor processes")
+    ap.add_argument("--suite", default=None, help="an attack suite (name or file) besides --attacks")
     a = ap.parse_args()
     attacks = [] if a.attacks == "none" else a.attacks.split(",")
     rows = ["| method | setting | pair | seed | protect s | sparsity | source before→after | ΔS | target before→after "
@@ -62,10 +66,17 @@ def main() -> None:
         secs = time.perf_counter() - t
         slc = ""
         if attacks:
-            cfg = EvalConfig(target=a.target, attacks=[parse_attack(x) for x in attacks],
-                             grid=parse_grid(a.grid), seeds=1, device=a.device, workers=a.workers)
+            recipes = [parse_attack(x) for x in attacks]
+            suite = get_suite(a.suite) if a.suite else None
+            if suite:
+                recipes = list(suite.recipes) + [r for r in recipes if r.key() not in [s.key() for s in suite.recipes]]
+            cfg = EvalConfig(target=a.target, attacks=recipes, grid=parse_grid(a.grid), seeds=1, device=a.device,
+                             workers=a.workers, executor=a.executor, suite=suite.name if suite else None,
+                             search_trials=suite.trials if suite else 0)
             res = evaluate_model(out, cfg, out.with_suffix(".report"))
-            slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"])
+            slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"][:len(attacks)])
+            if res.get("suite"):
+                slc += f" | robust {res['suite']['robust_slc_auc'][0]:+.2f}"
         tgt, src = r.accuracy(a.target), r.source
         tb, ta = tgt.before, tgt.after
         d = direct_metrics(src.before, src.after, tb, ta)

@@ -3,7 +3,7 @@
 #
 #   EDGEGUARD_DATA_ROOT=<data> OUT=<folder> bash benchmarks/gpu_session.sh [STEP ...]
 #
-# STEPs (default: all, in this order): env throughput train ntp map grid eval. Variables above the functions
+# STEPs (default: all, in this order): env throughput train grid suite ntp map eval. Variables above the functions
 # choose the pair (SRC, TGT), the NTP configs, the MAP settings and the seeds.
 # Each step has its own time limit and a failure does not stop the others; the script skips a step that
 # would run past DEADLINE seconds (default 570). Rows go to benchmarks/RESULTS.md (copied to $OUT with logs).
@@ -57,7 +57,7 @@ run_ntp() {  # one row per config in NTP_CONFIGS ('|'-separated JSON overrides)
     for cfg in "${cfgs[@]}"; do
         i=$((i + 1))
         step "$NTP_LIMIT" python3 benchmarks/bench_protect.py --method ntp --source "$R/r18_$SRC.safetensors" \
-            --target "$TGT" --seeds "$SEEDS" --workers "$WORKERS" --device cuda --out "$R/ntp$i" --config "$cfg" \
+            --target "$TGT" --seeds "$SEEDS" --executor processes --workers "$WORKERS" --device cuda --out "$R/ntp$i" --config "$cfg" \
             --attacks "$NTP_ATTACKS"
     done
 }
@@ -66,7 +66,7 @@ run_map() {  # one row per setting in MAP_SETTINGS and seed
     for setting in $MAP_SETTINGS; do
         step "$MAP_LIMIT" python3 benchmarks/bench_protect.py --method map --setting "$setting" \
             --source "$R/r18_$SRC.safetensors" --target "$TGT" --seeds "$SEEDS" --first-seed "$FIRST_SEED" \
-            --workers "$WORKERS" --device cuda --out "$R/map" --config "$MAP_CONFIG" --attacks "$MAP_ATTACKS"
+            --executor processes --workers "$WORKERS" --device cuda --out "$R/map" --config "$MAP_CONFIG" --attacks "$MAP_ATTACKS"
     done
 }
 run_grid() {
@@ -78,7 +78,7 @@ run_eval() {  # #4's "done when": a readable report of the unprotected resnet18 
         --report "$R/r18_${SRC}_${TGT}_report" --workers "$WORKERS" --device cuda
 }
 steps=("$@")
-(( ${#steps[@]} )) || steps=(env throughput train ntp map grid eval)
+(( ${#steps[@]} )) || steps=(env throughput train grid suite ntp map eval)
 for s in "${steps[@]}"; do "run_$s"; done 2>&1 | tee "$OUT/gpu_session.log"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 (cd "$R" && find . -path ./cache -prune -o -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.jsonl' \) \

@@ -148,15 +148,21 @@ def domains(data_root) -> None:
 @main.command("evaluate")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--target", required=True, help="Unauthorised domain the attacker fine-tunes on (see `edgeguard domains`).")
-@click.option("--attack", "attacks", multiple=True, default=["direct-all/masked"], show_default=True,
-              help="direct-all | direct-head | initfc-all | initfc-head, then /masked or /free. Repeatable.")
+@click.option("--attack", "attacks", multiple=True,
+              help="direct-all | direct-head | initfc-all | initfc-head, then /masked, /free or /regrow; repeatable "
+                   "(default direct-all/masked without --suite). --optimizer, --lr, --epochs … set these recipes.")
+@click.option("--suite", default=None,
+              help="paper | standard | robust | search (see `edgeguard attacks`) or a TOML/JSON suite file; "
+                   "adds its recipes and reports the attacker's best recipe per ratio (robust SLC-AUC).")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Random-search trials per model, seed and ratio (the search suite's default: 20).")
 @click.option("--grid", default=None, help="Comma-separated sample ratios (default: NTP's 10-point grid).")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for report.json, report.md, plots and the resumable run log.")
 @click.option("--unprotected", type=click.Path(dir_okay=False), default=None,
               help="The source model before protection, for its reference curve and ΔS/ΔT.")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=8e-4, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
@@ -178,25 +184,40 @@ def domains(data_root) -> None:
 @data_root_option
 @device_option
 @json_option
-def evaluate_cmd(file, target, attacks, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
+def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
                  batch_size, max_train, max_test, executor, workers, max_stack, precision, ray_address,
                  cpus_per_task, data_root, device, as_json) -> None:
     """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
     from .evaluation.attack import parse_attack
+    from .evaluation.report import verdict
     from .evaluation.runner import EvalConfig, evaluate_model
     from .evaluation.slc_auc import parse_grid
+    from .evaluation.suites import get_suite
 
-    recipes = [parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                            batch_size=batch_size) for a in attacks]
+    chosen = get_suite(suite).with_trials(trials) if suite else None
+    if trials is not None and chosen is None:
+        chosen = get_suite("search").with_trials(trials)
+    if not attacks and chosen is None:
+        attacks = ("direct-all/masked",)
+    recipes = list(chosen.recipes) if chosen else []
+    for a in attacks:
+        r = parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                         batch_size=batch_size)
+        if r.key() not in [x.key() for x in recipes]:
+            recipes.append(r)
     cfg = EvalConfig(target=target, attacks=recipes, grid=parse_grid(grid), seeds=seeds, max_train=max_train,
                      max_test=max_test, device=device, data_root=data_root, workers=workers, executor=executor,
                      max_stack=max_stack, precision=precision, ray_address=ray_address,
-                     cpus_per_task=cpus_per_task)
+                     cpus_per_task=cpus_per_task, suite=chosen.name if chosen else None,
+                     search_trials=chosen.trials if chosen else 0)
+    if not cfg.attacks and not cfg.search_trials:
+        raise click.UsageError("nothing to run: give --attack or a --suite with recipes")
     res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
     for e in res["attacks"]:
         m, s = e["slc_auc"]
         extra = f" (unprotected {e['unprotected_slc_auc'][0]:+.3f})" if "unprotected_slc_auc" in e else ""
         _say(as_json, f"{e['attack']:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
+    _say(as_json, f"verdict: {verdict(res)}")
     _say(as_json, f"report: {Path(report_dir) / 'report.md'}")
     if as_json:
         _emit_json({**res, "report": str(Path(report_dir) / "report.md")})
@@ -402,6 +423,26 @@ def keygen(out) -> None:
 
     k, p = generate_keypair(out)
     click.echo(f"private key {k} (keep it secret), public key {p} (put it on the devices)")
+
+
+@main.command("attacks")
+@click.argument("suite", required=False)
+@json_option
+def attacks_cmd(suite, as_json) -> None:
+    """List the attack suites; with SUITE (a name or a TOML/JSON file), its recipes one per line."""
+    from .evaluation.suites import get_suite, list_suites
+
+    suites = [get_suite(suite)] if suite else list_suites()
+    if as_json:
+        _emit_json([s.to_dict() for s in suites])
+        return
+    for s in suites:
+        click.echo(f"{s.name}: {s.description}" + (f" ({s.trials} search trials)" if s.trials else ""))
+        if suite:
+            for r in s.recipes:
+                click.echo(f"  {r.name:<16} {r.base_name:<18} {r.optimizer} lr={r.lr:g} wd={r.weight_decay:g} "
+                           f"{r.epochs} ep bs={r.batch_size} schedule={r.schedule} bn={r.bn}"
+                           + (f" source={r.source_fraction:g}" if r.source_fraction else ""))
 
 
 @main.command()

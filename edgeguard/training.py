@@ -78,6 +78,25 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: b
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "warmup-cosine")
+WARMUP = 0.1  # the warm-up share of a warmup-cosine schedule
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning-rate multiplier before optimizer step `step` (0-based) of `total`: the one definition the
+    sequential loop and the stacked engine share."""
+    if schedule == "none":
+        return 1.0
+    s = min(step, total)
+    if schedule == "warmup-cosine":
+        warm = max(1, int(round(WARMUP * total)))
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+    return 0.5 * (1 + math.cos(math.pi * s / total))
+
+
 @dataclass
 class TrainConfig:
     """A training recipe. Defaults are the source-model recipe (`edgeguard train`)."""
@@ -86,9 +105,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    optimizer: str = "adam"  # adam | sgd
+    optimizer: str = "adam"  # adam | adamw | sgd
     momentum: float = 0.9
-    scheduler: str = "cosine"  # cosine | none
+    scheduler: str = "cosine"  # cosine | warmup-cosine | none
     augment_shift: int = 2
     augment_flip: bool = False
     seed: int = 0
@@ -106,10 +125,10 @@ class TrainConfig:
             raise EdgeguardError(f"learning rate must be a positive number, got {self.lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise EdgeguardError(f"weight decay must be ≥ 0, got {self.weight_decay}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise EdgeguardError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
-        if self.scheduler not in ("cosine", "none"):
-            raise EdgeguardError(f"scheduler must be cosine or none, got {self.scheduler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise EdgeguardError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULES:
+            raise EdgeguardError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.scheduler!r}")
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -118,6 +137,8 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
         raise EdgeguardError("nothing to train: every parameter is frozen")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -211,9 +232,8 @@ def run_loop(
     params = list(params)
     opt = make_optimizer(params, cfg)
     total_steps = max(1, cfg.epochs * (steps_per_epoch or 1))
-    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
-                                                                                   / total_steps)))
-             if cfg.scheduler == "cosine" and steps_per_epoch else None)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
+             if cfg.scheduler != "none" and steps_per_epoch else None)
     state = LoopState()
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and resume and ckpt.exists():
@@ -402,6 +422,29 @@ def train_classifier(
         desc=desc,
         steps_per_epoch=steps,
     )
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128) -> None:
+    """Replace every BatchNorm's running statistics by their average over `data` (train-mode forward passes,
+    no gradient): what an attacker does to undo statistics that were tampered with."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or len(data) == 0:
+        return
+    device = next(model.parameters()).device
+    was = model.training
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the passes
+    model.train()
+    for start in range(0, len(data), batch_size):
+        xb = data.x[start : start + batch_size].to(device)
+        if len(xb) > 1:
+            model(normalize(xb))
+    for bn, mom in zip(bns, saved):
+        bn.momentum = mom
+    model.train(was)
 
 
 def seed_everything(seed: int) -> None:

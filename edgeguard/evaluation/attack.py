@@ -2,13 +2,17 @@
 
 Four usual target-fine-tuning attacks come from two switches: which weights train (`all` or `head`) and
 whether the head is `kept` or `reinit` (direct-all, direct-head, initFC-all, initFC-head). A third switch
-says what happens to pruned weights: `masked` (they stay 0, the papers' protocol) or `free` (they may grow
-back: the buyer owns the file). Accuracy is read after the last epoch, never the best one.
+says what happens to pruned weights: `masked` (they stay 0, the papers' protocol), `free` (they may grow
+back: the buyer owns the file) or `regrow` (they restart from small random values, so zeros behind a ReLU
+cannot stay dead). Beyond the optimizer and its schedule, two attacker moves happen before fine-tuning:
+`bn=reestimate` re-estimates BatchNorm statistics on the attacker's subset, and `source_fraction` first
+fine-tunes on a small source sample (TAR's switch attacker, TransNTL's repair). Accuracy is read after the
+last epoch, never the best one.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -29,37 +33,72 @@ NAMED_ATTACKS = {
 }
 
 
+# Fields added after runs.jsonl keys existed: left out of a key at their default, so old keys still match.
+_KEY_DEFAULTS = {"augment_shift": 0, "schedule": "none", "bn": "kept", "source_fraction": 0.0}
+
+
 @dataclass(frozen=True)
 class AttackRecipe:
     """What the attacker trains and how. Defaults: NTP's recipe (Adam 1e-4, wd 8e-4, 30 epochs, batch 128)."""
 
     train: str = "all"  # all | head
     head: str = "kept"  # kept | reinit
-    pruned: str = "masked"  # masked | free
-    optimizer: str = "adam"
+    pruned: str = "masked"  # masked | free | regrow
+    optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     lr: float = 1e-4
     weight_decay: float = 8e-4
     epochs: int = 30
     batch_size: int = 128
     augment_shift: int = 0  # random translation (pixels) of the attacker's batches; NTP's recipe has none
+    schedule: str = "none"  # none | cosine | warmup-cosine
+    bn: str = "kept"  # kept | reestimate (BatchNorm statistics from the attacker's subset before fine-tuning)
+    source_fraction: float = 0.0  # > 0: first fine-tune on this fraction of the source training set
+    label: str = field(default="", compare=False)  # the name a suite gives it (not part of the key)
 
     def validate(self) -> None:
-        for field, val, allowed in (("train", self.train, ("all", "head")), ("head", self.head, ("kept", "reinit")),
-                                    ("pruned", self.pruned, ("masked", "free"))):
+        for name, val, allowed in (("train", self.train, ("all", "head")), ("head", self.head, ("kept", "reinit")),
+                                   ("pruned", self.pruned, ("masked", "free", "regrow")),
+                                   ("bn", self.bn, ("kept", "reestimate"))):
             if val not in allowed:
-                raise EdgeguardError(f"attack {field} must be one of {', '.join(allowed)}, got {val!r}")
+                raise EdgeguardError(f"attack {name} must be one of {', '.join(allowed)}, got {val!r}")
+        if not 0 <= self.source_fraction <= 1:
+            raise EdgeguardError(f"attack source_fraction must be in [0, 1], got {self.source_fraction}")
         self.train_config(0, "cpu").validate()
 
     @property
-    def name(self) -> str:
+    def base_name(self) -> str:
         base = {v: k for k, v in NAMED_ATTACKS.items()}[(self.train, self.head)]
         return f"{base}/{self.pruned}"
+
+    @property
+    def name(self) -> str:
+        """`direct-all/masked` for NTP's recipe; other settings are appended (`sgd lr=0.01 warmup-cosine`)."""
+        if self.label:
+            return self.label
+        parts = [self.base_name]
+        if (self.optimizer, self.lr) != ("adam", 1e-4):
+            parts.append(f"{self.optimizer} lr={self.lr:g}")
+        if self.weight_decay != 8e-4:
+            parts.append(f"wd={self.weight_decay:g}")
+        if self.schedule != "none":
+            parts.append(self.schedule)
+        if self.epochs != 30:
+            parts.append(f"{self.epochs}ep")
+        if self.batch_size != 128:
+            parts.append(f"bs={self.batch_size}")
+        if self.augment_shift:
+            parts.append(f"shift={self.augment_shift}")
+        if self.bn != "kept":
+            parts.append("bn-reestimate")
+        if self.source_fraction:
+            parts.append(f"source {self.source_fraction:g}")
+        return " ".join(parts)
 
     def train_config(self, seed: int, device: str, cpu_bf16: bool = False) -> TrainConfig:
         """The recipe as a training config; the memory layout and CPU precision are the engine's, not the
         recipe's (they change speed, not what a run learns beyond float rounding)."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           weight_decay=self.weight_decay, optimizer=self.optimizer, scheduler="none",
+                           weight_decay=self.weight_decay, optimizer=self.optimizer, scheduler=self.schedule,
                            augment_shift=self.augment_shift, seed=seed, device=device, channels_last=True,
                            cpu_bf16=cpu_bf16)
 
@@ -67,19 +106,51 @@ class AttackRecipe:
         """The recipe as a dict: names runs in runs.jsonl and the scratch cache (a field at its original
         default is left out, so keys written before the field existed still match)."""
         d = asdict(self)
-        if d["augment_shift"] == 0:
-            del d["augment_shift"]
+        del d["label"]
+        for k, default in _KEY_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AttackRecipe:
+        """A recipe from a suite file's entry; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known - {"attack", "name"})
+        if extra:
+            raise EdgeguardError(f"unknown attack setting {extra[0]!r}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        label = d.pop("name", d.pop("label", ""))
+        if "attack" in d:
+            train, head, pruned = _parse_name(d.pop("attack"))
+            d = {"train": train, "head": head, "pruned": pruned, **d}
+        try:
+            r = cls(**d, label=label)
+        except TypeError as e:
+            raise EdgeguardError(f"bad attack recipe {d}: {e}") from None
+        for f in fields(cls):
+            want = type(f.default)
+            v = getattr(r, f.name)
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(r, f.name, float(v))
+            elif not isinstance(getattr(r, f.name), want):
+                raise EdgeguardError(f"attack setting {f.name} must be a {want.__name__}, got {v!r}")
+        r.validate()
+        return r
+
+
+def _parse_name(spec: str) -> tuple[str, str, str]:
+    name, _, pruned = str(spec).lower().partition("/")
+    if name not in NAMED_ATTACKS:
+        raise EdgeguardError(f"unknown attack {spec!r}; use one of {', '.join(NAMED_ATTACKS)} "
+                             "optionally followed by /masked, /free or /regrow")
+    return (*NAMED_ATTACKS[name], pruned or "masked")
 
 
 def parse_attack(spec: str, **recipe) -> AttackRecipe:
     """`direct-all/masked`, `initfc-head/free`, … (the pruned-weight mode defaults to masked)."""
-    name, _, pruned = spec.lower().partition("/")
-    if name not in NAMED_ATTACKS:
-        raise EdgeguardError(f"unknown attack {spec!r}; use one of {', '.join(NAMED_ATTACKS)} "
-                             "optionally followed by /masked or /free")
-    train, head = NAMED_ATTACKS[name]
-    r = AttackRecipe(train=train, head=head, pruned=pruned or "masked", **recipe)
+    train, head, pruned = _parse_name(spec)
+    r = AttackRecipe(train=train, head=head, pruned=pruned, **recipe)
     r.validate()
     return r
 
@@ -112,7 +183,8 @@ def _reinit_head(model: nn.Module, seed: int) -> None:
 
 def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int,
                  device: torch.device) -> tuple[nn.Module, MaskSet | None]:
-    """The attacker's starting copy (head re-initialised if the recipe says so) and the mask it keeps."""
+    """The attacker's starting copy (head re-initialised, pruned weights regrown if the recipe says so) and the
+    mask it keeps (None: pruned weights train freely)."""
     m = copy.deepcopy(model).to(device)
     for p in m.parameters():
         p.requires_grad_(True)
@@ -123,7 +195,23 @@ def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, s
         keep = {k: v for k, v in mask.masks.items()
                 if not (recipe.head == "reinit" and k.startswith("head."))}  # a new head is the attacker's own
         use_mask = MaskSet(keep).to(device)
+    elif mask is not None and recipe.pruned == "regrow":
+        regrow_(m, mask, seed)
     return m, use_mask
+
+
+@torch.no_grad()
+def regrow_(model: nn.Module, mask: MaskSet, seed: int, scale: float = 0.1) -> None:
+    """Give every pruned weight a small random value (N(0, (scale · std of the tensor's kept weights)²)), so a
+    pruned unit gets gradient again; seeded, so the same run regrows the same values."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(seed * 7 + 104729)
+    for name in sorted(mask.masks):
+        p, keep = params[name], mask.masks[name].to(params[name].device)
+        kept = p[keep]
+        std = float(kept.std()) if kept.numel() > 1 else 0.01
+        noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype) * scale * max(std, 1e-3)
+        p.copy_(torch.where(keep, p, noise))
 
 
 def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,

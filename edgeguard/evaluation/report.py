@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,62 @@ def plot_attack(entry: dict, title: str, path: Path, method: str = "protected") 
     plt.close(fig)
 
 
+def _png_name(attack: str) -> str:
+    return "attack_" + re.sub(r"[^A-Za-z0-9._-]+", "_", attack).strip("_") + ".png"
+
+
+def plot_suite(results: dict, title: str, path: Path) -> None:
+    """The attacker's best recipe: both envelopes (and the unprotected model's) in bold, each recipe thin, the
+    area between the protected and the scratch envelope shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suite = results["suite"]
+    entries = results["attacks"]
+    n = np.asarray(entries[0]["n"], dtype=float)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    for e in entries:
+        ax.plot(n, np.asarray(e["protected"]).mean(0) * 100, color="#d62728", lw=0.7, alpha=0.45)
+        ax.plot(n, np.asarray(e["scratch"]).mean(0) * 100, color="#7f7f7f", lw=0.7, alpha=0.45, ls="--")
+    prot = np.asarray(suite["protected_envelope"]).mean(0) * 100
+    scr = np.asarray(suite["scratch_envelope"]).mean(0) * 100
+    ax.fill_between(n, prot, scr, where=prot >= scr, color="#d62728", alpha=0.15, interpolate=True,
+                    label="protected above scratch")
+    ax.fill_between(n, prot, scr, where=prot < scr, color="#2ca02c", alpha=0.15, interpolate=True,
+                    label="protected below scratch")
+    ax.plot(n, prot, color="#d62728", lw=2.5, marker="o", ms=4, label="protected: best recipe per ratio")
+    ax.plot(n, scr, color="#404040", lw=2.5, ls="--", marker="s", ms=4, label="scratch: best recipe per ratio")
+    if "unprotected_envelope" in suite:
+        ax.plot(n, np.asarray(suite["unprotected_envelope"]).mean(0) * 100, color="#1f77b4", lw=2.5,
+                label="unprotected: best recipe per ratio")
+    ax.set_xscale("log")
+    ax.set_xlabel("target samples the attacker fine-tunes on (log scale)")
+    ax.set_ylabel("target test accuracy after the attack (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, which="both", alpha=0.3)
+    m, sd = suite["robust_slc_auc"]
+    ax.set_title(f"{title}\nsuite {suite['name']} ({len(entries)} recipes, thin lines): robust SLC-AUC "
+                 f"{m:+.2f} ± {sd:.2f}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def verdict(results: dict) -> str:
+    """One line: the robust value when a suite ran, else the single recipe's."""
+    suite = results.get("suite")
+    if suite:
+        m, sd = suite["robust_slc_auc"]
+        return (f"robust SLC-AUC {m:+.3f} ± {sd:.3f} over {len(suite['recipes'])} recipes of suite "
+                f"{suite['name']} ({'worse' if m < 0 else 'better'} than scratch at its best)")
+    e = results["attacks"][0]
+    return f"SLC-AUC {e['slc_auc'][0]:+.3f} ± {e['slc_auc'][1]:.3f} ({e['attack']})"
+
+
 def write_report(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(results, indent=2))
@@ -66,11 +123,26 @@ def write_report(results: dict, out_dir: Path) -> None:
                   "ΔT (pt) | ST-D |", "|---|---|---|---|---|---|---|",
                   f"| {d['source_before'] * 100:.2f} | {d['source_after'] * 100:.2f} | {d['delta_s']:+.2f} | "
                   f"{d['target_before'] * 100:.2f} | {d['target_after'] * 100:.2f} | {d['delta_t']:+.2f} | {std} |"]
+    suite = results.get("suite")
+    if suite:
+        plot_suite(results, title, out_dir / "suite.png")
+        lines += ["", f"## Suite {suite['name']}: the attacker's best recipe", "",
+                  f"**{verdict(results)}**", "",
+                  "At each ratio the envelope is the best accuracy any recipe reached; scratch training gets its "
+                  "best recipe too. Both envelopes select on the test set, which favours the attacker and the "
+                  "scratch baseline alike.", "", "![suite](suite.png)", "",
+                  "| n | " + " | ".join(str(v) for v in results["attacks"][0]["n"]) + " |",
+                  "|---" * (len(results["attacks"][0]["n"]) + 1) + "|"]
+        for kind in ("protected", "unprotected", "scratch"):
+            if f"{kind}_envelope" in suite:
+                mean = np.asarray(suite[f"{kind}_envelope"]).mean(0) * 100
+                lines.append(f"| {kind} envelope (%) | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
+                lines.append(f"| {kind} winner | " + " | ".join(suite[f"{kind}_winner"]) + " |")
     lines += ["", "## Fine-tuning attacks", "",
               "SLC-AUC = area of accuracy over ln r, protected minus scratch (< 0: worse than training from scratch).",
               "", "| attack | SLC-AUC | normalised | unprotected SLC-AUC | plot |", "|---|---|---|---|---|"]
     for e in results["attacks"]:
-        png = f"attack_{e['attack'].replace('/', '_')}.png"
+        png = _png_name(e["attack"])
         plot_attack(e, title, out_dir / png, results.get("method", "protected"))
         unp = _fmt(e["unprotected_slc_auc"]) if "unprotected_slc_auc" in e else "–"
         lines.append(f"| {e['attack']} | {_fmt(e['slc_auc'])} | {_fmt(e['slc_auc_normalised'])} | {unp} | "

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from runtime.fileio import atomic_write_text
 
 from ..artifact import Artifact, load_artifact
@@ -26,7 +28,7 @@ from ..domains import get_domain
 from ..errors import EdgeguardError
 from ..masks import MaskSet
 from ..progress import progress
-from ..training import TensorData, evaluate
+from ..training import TensorData, evaluate, reestimate_bn
 from .attack import AttackRecipe, attack_start, scratch_model, stratified_subset, train_run
 from .metrics import direct_metrics, mean_std
 from .slc_auc import DEFAULT_GRID, slc_auc
@@ -46,6 +48,7 @@ class RunJob:
     seed: int
     ratio: float
     key: str
+    split: str = "full"  # full: train on the ratio's subset, score on the test set; trial: a search trial
 
     @property
     def trains_head_only(self) -> bool:
@@ -68,6 +71,9 @@ class EvalConfig:
     precision: str = "auto"  # auto: bf16 autocast where the CPU has native bf16, and on CUDA; fp32
     ray_address: str | None = None  # None: start a local Ray; auto or HOST:PORT: join a cluster
     cpus_per_task: int = 1  # Ray: CPUs reserved per stack on a CPU cluster
+    suite: str | None = None  # the suite's name, for the report (its recipes are in `attacks`)
+    search_trials: int = 0  # > 0: also a random search of this many trials per (model, seed, ratio)
+    search_seed: int = 0
 
     def validate(self) -> None:
         if self.seeds < 1:
@@ -112,7 +118,7 @@ def _scratch_cache() -> Path:
 
 
 def _recipe_for_scratch(r: AttackRecipe) -> dict:
-    d = r.key()
+    d = scratch_recipe(r).key()
     for k in ("train", "head", "pruned"):  # scratch always trains everything from random init
         d.pop(k)
     return d
@@ -143,22 +149,19 @@ class RunLog:
 def grid_jobs(art: Artifact, ref: Artifact | None, cfg: EvalConfig, model_sha: str, ref_sha: str | None
               ) -> list[RunJob]:
     """Every run of the grid: protected (and unprotected) per recipe, scratch per distinct scratch recipe."""
-    data_key = {"domain": cfg.target, "max_train": cfg.max_train, "max_test": cfg.max_test}
     jobs: list[RunJob] = []
+    kinds = ["protected"] + (["unprotected"] if ref is not None else [])
     for recipe in cfg.attacks:
         for seed in range(cfg.seeds):
             for ratio in cfg.grid:
-                jobs.append(RunJob("protected", recipe, seed, ratio,
-                                   _key({"m": model_sha, "r": recipe.key(), "s": seed, "ratio": ratio, **data_key})))
-                if ref is not None:
-                    jobs.append(RunJob("unprotected", recipe, seed, ratio,
-                                       _key({"m": ref_sha, "r": recipe.key(), "s": seed, "ratio": ratio, **data_key})))
+                for kind in kinds:
+                    jobs.append(RunJob(kind, recipe, seed, ratio,
+                                       _job_key(kind, recipe, seed, ratio, cfg, model_sha, ref_sha, art)))
     for recipe in {json.dumps(_recipe_for_scratch(r), sort_keys=True): r for r in cfg.attacks}.values():
         for seed in range(cfg.seeds):
             for ratio in cfg.grid:
                 jobs.append(RunJob("scratch", recipe, seed, ratio,
-                                   _key({"arch": art.card.arch, "arch_args": art.card.arch_args,
-                                         "r": _recipe_for_scratch(recipe), "s": seed, "ratio": ratio, **data_key})))
+                                   _job_key("scratch", recipe, seed, ratio, cfg, model_sha, ref_sha, art)))
     return jobs
 
 
@@ -185,61 +188,188 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
     model_sha = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
     ref_sha = hashlib.sha256(Path(unprotected).read_bytes()).hexdigest() if unprotected else None
     jobs = grid_jobs(art, ref, cfg, model_sha, ref_sha)
+    trials = search_jobs(art, ref, cfg, model_sha, ref_sha)
 
     log = RunLog(report_dir / "runs.jsonl")
     cache_dir = _scratch_cache()
-    todo = []
-    for job in jobs:
-        if job.key in log.done:
-            continue
-        cache_file = cache_dir / f"{job.key}.json"
-        if job.kind == "scratch" and cache_file.exists():
-            try:
-                log.add({**json.loads(cache_file.read_text()), "cached": True})
-                continue
-            except json.JSONDecodeError:
-                cache_file.unlink(missing_ok=True)
-        todo.append(job)
-
-    def finished(row: dict) -> None:
-        if row["kind"] == "scratch":
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache_dir / f"{row['key']}.json", json.dumps(row))
-        log.add(row)
-
-    labels = dom.train_y
-    steps = {j.key: _steps(j, labels, dom.num_classes) for j in jobs}
-    stacks = plan_stacks(todo, steps, cfg.max_stack or default_max_stack(dev))
+    max_stack = cfg.max_stack or default_max_stack(dev)
+    ctx = _Context(art, ref, train, test, dom.num_classes, str(dev), cpu_bf16(cfg.precision, dev),
+                   data_root=cfg.data_root)
+    task = TaskSpec(str(model_path), str(unprotected) if unprotected else None, cfg)
     t0 = time.perf_counter()
-    bar = progress(None, desc=f"evaluate → {cfg.target}", total=sum(steps.values()))
-    bar.update(sum(steps.values()) - sum(steps[j.key] for j in todo))
-    try:
-        if stacks:
-            task = TaskSpec(str(model_path), str(unprotected) if unprotected else None, cfg)
+    stats = {"stacks": 0, "runs": 0}
+
+    def execute(batch: list[RunJob], desc: str) -> None:
+        todo = []
+        for job in batch:
+            if job.key in log.done:
+                continue
+            cache_file = cache_dir / f"{job.key}.json"
+            if job.kind == "scratch" and cache_file.exists():
+                try:
+                    log.add({**json.loads(cache_file.read_text()), "cached": True})
+                    continue
+                except json.JSONDecodeError:
+                    cache_file.unlink(missing_ok=True)
+            todo.append(job)
+
+        def finished(row: dict) -> None:
+            if row["kind"] == "scratch":
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache_dir / f"{row['key']}.json", json.dumps(row))
+            log.add(row)
+
+        steps = {j.key: _steps(j, dom.train_y, dom.num_classes) for j in batch}
+        stacks = plan_stacks(todo, steps, max_stack)
+        stats["stacks"] += len(stacks)
+        stats["runs"] += len(todo)
+        bar = progress(None, desc=desc, total=sum(steps.values()))
+        bar.update(sum(steps.values()) - sum(steps[j.key] for j in todo))
+        try:
             if cfg.executor == "local":
-                ctx = _Context(art, ref, train, test, dom.num_classes, str(dev), cpu_bf16(cfg.precision, dev))
                 for stack in stacks:
                     run_stack(ctx, stack, finished, bar.update)
-            elif cfg.executor == "processes":
+            elif stacks and cfg.executor == "processes":
                 _run_processes(task, stacks, finished, bar, steps)
-            else:
+            elif stacks:
                 _run_ray(task, stacks, finished, bar, steps)
-    finally:
-        bar.close()
+        finally:
+            bar.close()
+
+    execute(jobs + trials, f"evaluate → {cfg.target}")
+    finals = search_finals(trials, log, cfg, model_sha, ref_sha, art)
+    if finals:
+        execute(finals, f"search finals → {cfg.target}")
     wall = time.perf_counter() - t0
 
     results = summarise(art, ref, cfg, jobs, log, dom_name=cfg.target, test=test)
+    if finals:
+        results["attacks"].append(search_entry(trials, finals, log, cfg, ref is not None))
+    results["suite"] = suite_summary(results["attacks"], cfg)
     results["wall_seconds"] = round(wall, 2)
     results["device"] = str(dev)
-    results["engine"] = {"executor": cfg.executor, "stacks": len(stacks), "runs": len(todo),
-                         "max_stack": cfg.max_stack or default_max_stack(dev),
+    results["engine"] = {"executor": cfg.executor, **stats, "max_stack": max_stack,
                          "cpu_bf16": cpu_bf16(cfg.precision, dev)}
     write_report(results, report_dir)
     return results
 
 
+def _job_key(kind: str, recipe: AttackRecipe, seed: int, ratio: float, cfg: EvalConfig, model_sha: str,
+             ref_sha: str | None, art: Artifact, split: str = "full") -> str:
+    data_key = {"domain": cfg.target, "max_train": cfg.max_train, "max_test": cfg.max_test}
+    extra = {"split": split} if split != "full" else {}
+    if kind == "scratch":
+        return _key({"arch": art.card.arch, "arch_args": art.card.arch_args, "r": _recipe_for_scratch(recipe),
+                     "s": seed, "ratio": ratio, **data_key, **extra})
+    return _key({"m": model_sha if kind == "protected" else ref_sha, "r": recipe.key(), "s": seed, "ratio": ratio,
+                 **data_key, **extra})
+
+
+def search_jobs(art: Artifact, ref: Artifact | None, cfg: EvalConfig, model_sha: str, ref_sha: str | None
+                ) -> list[RunJob]:
+    """The random search's trials: every candidate recipe at every (model, seed, ratio), trained on 80 % of the
+    attacker's subset and scored on the other 20 % (never on the test set)."""
+    from .suites import search_recipes
+
+    if cfg.search_trials <= 0:
+        return []
+    kinds = ["protected", "scratch"] + (["unprotected"] if ref is not None else [])
+    out, seen = [], set()
+    for recipe in search_recipes(cfg.search_trials, cfg.search_seed):
+        for kind in kinds:
+            r = scratch_recipe(recipe) if kind == "scratch" else recipe
+            for seed in range(cfg.seeds):
+                for ratio in cfg.grid:
+                    key = _job_key(kind, r, seed, ratio, cfg, model_sha, ref_sha, art, "trial")
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(RunJob(kind, r, seed, ratio, key, "trial"))
+    return out
+
+
+def _best_trials(trials: list[RunJob], log: RunLog) -> dict[tuple, RunJob]:
+    """(kind, seed, ratio) → the trial with the best validation accuracy (the first of equals)."""
+    best: dict[tuple, tuple[float, RunJob]] = {}
+    for j in trials:
+        acc = log.done[j.key]["accuracy"]
+        k = (j.kind, j.seed, j.ratio)
+        if k not in best or acc > best[k][0]:
+            best[k] = (acc, j)
+    return {k: v[1] for k, v in best.items()}
+
+
+def search_finals(trials: list[RunJob], log: RunLog, cfg: EvalConfig, model_sha: str, ref_sha: str | None,
+                  art: Artifact) -> list[RunJob]:
+    """The search's chosen recipe at each (model, seed, ratio), retrained on the whole subset and tested."""
+    return [RunJob(kind, j.recipe, seed, ratio, _job_key(kind, j.recipe, seed, ratio, cfg, model_sha, ref_sha, art))
+            for (kind, seed, ratio), j in _best_trials(trials, log).items()]
+
+
+def search_entry(trials: list[RunJob], finals: list[RunJob], log: RunLog, cfg: EvalConfig, has_ref: bool) -> dict:
+    """The search as one more curve per model: at each ratio, the test accuracy of the recipe it chose."""
+    by = {(j.kind, j.seed, j.ratio): j for j in finals}
+
+    def curve(kind: str) -> list[list[float]]:
+        return [[log.done[by[(kind, s, r)].key]["accuracy"] for r in cfg.grid] for s in range(cfg.seeds)]
+
+    def chosen(kind: str) -> list[list[str]]:
+        return [[by[(kind, s, r)].recipe.name for r in cfg.grid] for s in range(cfg.seeds)]
+
+    prot, scr = curve("protected"), curve("scratch")
+    per_seed = [slc_auc(cfg.grid, p, q) for p, q in zip(prot, scr)]
+    entry = {"attack": "search", "recipe": {"trials": cfg.search_trials, "seed": cfg.search_seed},
+             "ratios": list(cfg.grid), "n": [log.done[by[("protected", 0, r)].key]["n"] for r in cfg.grid],
+             "protected": prot, "scratch": scr,
+             "slc_auc": mean_std(d["slc_auc"] for d in per_seed),
+             "slc_auc_normalised": mean_std(d["slc_auc_normalised"] for d in per_seed),
+             "chosen": {"protected": chosen("protected"), "scratch": chosen("scratch")},
+             "regrown_weights": [log.done[by[("protected", s, r)].key].get("regrown_weights", 0)
+                                 for s in range(cfg.seeds) for r in cfg.grid]}
+    if has_ref:
+        entry["unprotected"] = curve("unprotected")
+        entry["chosen"]["unprotected"] = chosen("unprotected")
+        entry["unprotected_slc_auc"] = mean_std(slc_auc(cfg.grid, u, q)["slc_auc"]
+                                                for u, q in zip(entry["unprotected"], scr))
+    return entry
+
+
+def suite_summary(entries: list[dict], cfg: EvalConfig) -> dict | None:
+    """The attacker's best recipe: at each ratio the best accuracy any recipe reached, for the protected model
+    and for scratch training alike; robust SLC-AUC = AUC(protected envelope) − AUC(scratch envelope). Both
+    envelopes pick on the test set, which favours the attacker and the scratch baseline alike."""
+    if len(entries) < 2:
+        return None
+    grid = list(cfg.grid)
+    out: dict = {"name": cfg.suite or "custom", "recipes": [e["attack"] for e in entries],
+                 "selection": "per ratio on the test set, for the protected and the scratch curves alike"}
+    for kind in ("protected", "scratch", "unprotected"):
+        if all(kind in e for e in entries):
+            arr = np.asarray([e[kind] for e in entries], dtype=float)  # recipe × seed × ratio
+            out[f"{kind}_envelope"] = arr.max(0).tolist()
+            out[f"{kind}_winner"] = [entries[i]["attack"] for i in arr.mean(1).argmax(0)]
+    per_seed = [slc_auc(grid, p, q) for p, q in zip(out["protected_envelope"], out["scratch_envelope"])]
+    out["robust_slc_auc"] = mean_std(d["slc_auc"] for d in per_seed)
+    out["robust_slc_auc_normalised"] = mean_std(d["slc_auc_normalised"] for d in per_seed)
+    if "unprotected_envelope" in out:
+        out["unprotected_robust_slc_auc"] = mean_std(
+            slc_auc(grid, u, q)["slc_auc"] for u, q in zip(out["unprotected_envelope"], out["scratch_envelope"]))
+    out["per_recipe_slc_auc"] = {e["attack"]: e["slc_auc"] for e in entries}
+    return out
+
+
+def split_indices(labels, job: RunJob, num_classes: int):
+    """The run's training indices and, for a search trial, its validation indices (20 % of the subset, at
+    least one; a one-sample subset validates on itself)."""
+    idx = stratified_subset(labels, job.ratio, job.seed, num_classes)
+    if job.split == "full":
+        return idx, None
+    perm = np.random.default_rng([job.seed, 4242, int(round(job.ratio * 1e6))]).permutation(idx)
+    n_val = max(1, int(round(0.2 * len(perm)))) if len(perm) > 1 else 0
+    return (np.sort(perm[n_val:]), np.sort(perm[:n_val])) if n_val else (idx, idx)
+
+
 def _steps(job: RunJob, labels, num_classes: int) -> int:
-    n = len(stratified_subset(labels, job.ratio, job.seed, num_classes))
+    n = len(split_indices(labels, job, num_classes)[0])
     return job.recipe.epochs * math.ceil(n / job.recipe.batch_size)
 
 
@@ -264,30 +394,64 @@ class _Context:
     num_classes: int
     device: str
     cpu_bf16: bool = False
+    source_train: TensorData | None = None  # loaded when a recipe is source-aided
+    data_root: str | None = None
+
+    def source(self) -> TensorData:
+        if self.source_train is None:
+            name = self.art.card.source_domain
+            try:
+                dom = get_domain(name, self.data_root)
+            except EdgeguardError as e:
+                raise EdgeguardError(f"a source-aided attack needs the model's source domain {name!r}: {e}") from None
+            self.source_train = TensorData.from_numpy(dom.train_x, dom.train_y, self.device)
+        return self.source_train
+
+
+def scratch_recipe(recipe: AttackRecipe) -> AttackRecipe:
+    """What training from scratch uses of a recipe: the optimizer and its schedule, on everything."""
+    return replace(recipe, train="all", head="kept", pruned="masked", bn="kept", source_fraction=0.0)
 
 
 def _prepare(ctx: _Context, job: RunJob) -> StackRun:
-    """The job's start model, subset, recipe and mask, exactly as a run on its own would use them."""
+    """The job's start model, subset, recipe and mask, exactly as a run on its own would use them. A
+    source-aided recipe's source phase and the BN attacker's re-estimation happen here, before the stack."""
     import torch
 
-    idx = stratified_subset(ctx.train.y.cpu().numpy(), job.ratio, job.seed, ctx.num_classes)
+    idx, _ = split_indices(ctx.train.y.cpu().numpy(), job, ctx.num_classes)
+    data = ctx.train.take(idx)
     dev = torch.device(ctx.device)
     if job.kind == "scratch":
         card = ctx.art.card
-        recipe = replace(job.recipe, train="all", head="kept")
+        recipe = scratch_recipe(job.recipe)
         model = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args).to(dev)
         mask = None
     else:
         src = ctx.art if job.kind == "protected" else ctx.ref
         recipe = job.recipe
         model, mask = attack_start(src.model, src.mask, recipe, job.seed, dev)
-    return StackRun(model, ctx.train.take(idx), recipe.train_config(job.seed, ctx.device, ctx.cpu_bf16), mask,
-                    head_only=recipe.train == "head")
+    cfg = recipe.train_config(job.seed, ctx.device, ctx.cpu_bf16)
+    head_only = recipe.train == "head"
+    if recipe.source_fraction > 0:
+        src_data = ctx.source()
+        sidx = stratified_subset(src_data.y.cpu().numpy(), recipe.source_fraction, job.seed, ctx.num_classes)
+        model = train_run(StackRun(model, src_data.take(sidx), cfg, mask, head_only), "attack source phase")
+    if recipe.bn == "reestimate":
+        reestimate_bn(model, data, recipe.batch_size)
+    return StackRun(model, data, cfg, mask, head_only=head_only)
 
 
 def _row(ctx: _Context, job: RunJob, run: StackRun, tuned, seconds: float, stack: int) -> dict:
-    acc = evaluate(tuned, ctx.test.to(next(tuned.parameters()).device))
+    """A finished run's line: test accuracy, or for a search trial the accuracy on its validation split."""
+    if job.split == "trial":
+        _, val = split_indices(ctx.train.y.cpu().numpy(), job, ctx.num_classes)
+        scored_on = ctx.train.take(val)
+    else:
+        scored_on = ctx.test
+    acc = evaluate(tuned, scored_on.to(next(tuned.parameters()).device))
     point = {"ratio": job.ratio, "n": len(run.data), "seed": job.seed, "accuracy": acc}
+    if job.split == "trial":
+        point["split"] = "trial"
     src = ctx.art if job.kind == "protected" else ctx.ref if job.kind == "unprotected" else None
     if src is not None and src.mask is not None:
         bad = MaskSet(src.mask.masks).violations(dict(tuned.named_parameters()))
@@ -339,7 +503,7 @@ def _context(spec: TaskSpec, device: str) -> _Context:
                                   load_artifact(spec.unprotected, dev) if spec.unprotected else None,
                                   TensorData.from_numpy(dom.train_x, dom.train_y, dev),
                                   TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),
-                                  cpu_bf16(cfg.precision, dev))
+                                  cpu_bf16(cfg.precision, dev), data_root=cfg.data_root)
     return _CONTEXTS[key]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,15 @@ from torch import nn
 from ..devices import autocast, resolve_device
 from ..errors import EdgeguardError
 from ..masks import MaskSet
-from ..training import TensorData, TrainConfig, augment, epoch_generator, iterate_batches, normalize
+from ..training import (
+    TensorData,
+    TrainConfig,
+    augment,
+    epoch_generator,
+    iterate_batches,
+    lr_factor,
+    normalize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +228,8 @@ def _note_fallback(arch: str, why: str) -> None:
 
 
 class _StackedOptimizer:
-    """Adam and SGD (torch's update rules, no amsgrad, no nesterov) with per-run lr, weight decay and
-    momentum, and per-run step counts, so a run that sits out a tick keeps its state untouched."""
+    """Adam, AdamW and SGD (torch's update rules, no amsgrad, no nesterov) with per-run lr, weight decay,
+    momentum and schedule, and per-run step counts, so a run that sits out a tick keeps its state untouched."""
 
     def __init__(self, params: list[nn.Parameter], cfgs: list[TrainConfig], family: str):
         self.params, self.family = params, family
@@ -232,7 +239,8 @@ class _StackedOptimizer:
         self.wd = torch.tensor([c.weight_decay for c in cfgs], dtype=torch.float64, device=dev)
         self.mom = torch.tensor([c.momentum for c in cfgs], dtype=torch.float64, device=dev)
         self.step_count = torch.zeros(self.k, dtype=torch.float64)
-        self.state = [{"a": torch.zeros_like(p), "b": torch.zeros_like(p) if family == "adam" else None}
+        self.adam = family in ("adam", "adamw")
+        self.state = [{"a": torch.zeros_like(p), "b": torch.zeros_like(p) if self.adam else None}
                       for p in params]
         self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
 
@@ -246,7 +254,7 @@ class _StackedOptimizer:
         self.step_count[sel] += 1
         lr = self.lr[sel] * (lr_scale[sel] if lr_scale is not None else 1.0)
         steps = self.step_count[sel]
-        if self.family == "adam":
+        if self.adam:
             bc1 = 1 - self.beta1 ** steps
             bc2_sqrt = (1 - self.beta2 ** steps).sqrt()
         dev_sel = sel.to(self.params[0].device)
@@ -258,8 +266,11 @@ class _StackedOptimizer:
             g = p.grad if full else p.grad.index_select(0, dev_sel)
             a = st["a"] if full else st["a"].index_select(0, dev_sel)
             wd = self.wd if full else self.wd[dev_sel]
-            g = g + self._col(wd, g) * w
-            if self.family == "adam":
+            if self.family == "adamw":  # decoupled decay, as torch's AdamW: before the update, not in the gradient
+                w.mul_(1 - self._col(lr.to(wd.device) * wd, w))
+            else:
+                g = g + self._col(wd, g) * w
+            if self.adam:
                 b = st["b"] if full else st["b"].index_select(0, dev_sel)
                 a.lerp_(g, 1 - self.beta1)
                 b.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
@@ -273,7 +284,7 @@ class _StackedOptimizer:
             if not full:
                 p.data.index_copy_(0, dev_sel, w)
                 st["a"].index_copy_(0, dev_sel, a)
-                if self.family == "adam":
+                if self.adam:
                     st["b"].index_copy_(0, dev_sel, b)
 
 
@@ -318,9 +329,9 @@ def can_stack(runs: list[StackRun]) -> str | None:
             return "runs of one stack share an optimizer family"
         if r.head_only != first.head_only:
             return "runs of one stack all train everything or all train only the head"
-        if (r.cfg.scheduler, r.cfg.channels_last, r.cfg.amp, r.cfg.cpu_bf16) != (
-                first.cfg.scheduler, first.cfg.channels_last, first.cfg.amp, first.cfg.cpu_bf16):
-            return "runs of one stack share a schedule, a memory layout and a precision"
+        if (r.cfg.channels_last, r.cfg.amp, r.cfg.cpu_bf16) != (first.cfg.channels_last, first.cfg.amp,
+                                                                 first.cfg.cpu_bf16):
+            return "runs of one stack share a memory layout and a precision"
     return None
 
 
@@ -368,8 +379,8 @@ def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
     sizes = [r.batch_sizes() for r in runs]
     pos = [0] * k
     streams = [_run_batches(r, dev) for r in runs]
-    cosine = runs[0].cfg.scheduler == "cosine"
-    total = torch.tensor([max(1, len(s)) for s in sizes], dtype=torch.float64)
+    totals = [max(1, len(s)) for s in sizes]
+    scheduled = any(r.cfg.scheduler != "none" for r in runs)
     results: list[nn.Module | None] = [None] * k
     pending_done = [i for i in range(k) if not sizes[i]]
     while True:
@@ -401,9 +412,9 @@ def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
             if g is not None:
                 g.mul_(m)
         lr_scale = None
-        if cosine:
-            done_steps = opt.step_count.clone()
-            lr_scale = 0.5 * (1 + torch.cos(math.pi * torch.clamp(done_steps, max=total) / total))
+        if scheduled:
+            lr_scale = torch.tensor([lr_factor(r.cfg.scheduler, int(opt.step_count[i]), totals[i])
+                                     for i, r in enumerate(runs)], dtype=torch.float64)
         opt.step(None if active.idx is None else active.idx.cpu(), lr_scale)
         with torch.no_grad():
             for n, m in masks.items():

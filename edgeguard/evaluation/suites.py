@@ -1,0 +1,155 @@
+"""Attack suites: the recipes a buyer would try, as data (`edgeguard attacks` lists them).
+
+A suite is a list of `AttackRecipe`s, each one line in a suite file and one name in the report, plus an
+optional random search (`trials`). `paper` keeps the papers' numbers comparable; `standard` adds the pruned-
+weight and head variants; `robust` adds optimizers and schedules the protection never saw, the BN, regrowth
+and source-aided attackers; `search` is a random search over the recipe space, each trial chosen on a
+validation split of the attacker's own subset. A user's suite is a TOML or JSON file:
+
+    [[recipe]]                       # or {"recipes": [{...}, ...]} in JSON
+    attack = "direct-all/free"       # direct-all | direct-head | initfc-all | initfc-head, then /masked|free|regrow
+    optimizer = "sgd"                # any AttackRecipe field: lr, weight_decay, epochs, batch_size, schedule, bn, …
+    lr = 0.01
+    name = "sgd-0.01"                # optional: the name in the report
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeguardError
+from .attack import AttackRecipe, parse_attack
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    recipes: tuple[AttackRecipe, ...]
+    trials: int = 0  # > 0: a random search of this many trials besides the recipes
+
+    def with_trials(self, trials: int | None) -> Suite:
+        if trials is None:
+            return self
+        if trials < 1:
+            raise EdgeguardError("--trials must be at least 1")
+        return replace(self, trials=trials)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "trials": self.trials,
+                "recipes": [{"name": r.name, **r.key()} for r in self.recipes]}
+
+
+def _r(spec: str, name: str = "", **kw) -> AttackRecipe:
+    return replace(parse_attack(spec, **kw), label=name)
+
+
+_PAPER = (_r("direct-all/masked", "paper"),)
+_STANDARD = (_r("direct-all/masked", "paper"), _r("direct-all/free", "free"), _r("initfc-all/free", "initfc-free"),
+             _r("direct-head/masked", "head-only"))
+_WC = dict(schedule="warmup-cosine")
+_ROBUST = _STANDARD + (
+    _r("direct-all/free", "sgd-1e-3", optimizer="sgd", lr=1e-3, **_WC),
+    _r("direct-all/free", "sgd-1e-2", optimizer="sgd", lr=1e-2, **_WC),
+    _r("direct-all/free", "sgd-1e-1", optimizer="sgd", lr=1e-1, **_WC),
+    _r("direct-all/free", "adam-1e-4-wc", lr=1e-4, **_WC),
+    _r("direct-all/free", "adam-1e-3-wc", lr=1e-3, **_WC),
+    _r("direct-all/free", "adamw-1e-4-wc", optimizer="adamw", lr=1e-4, weight_decay=1e-2, **_WC),
+    _r("direct-all/free", "adamw-1e-3-wc", optimizer="adamw", lr=1e-3, weight_decay=1e-2, **_WC),
+    _r("direct-all/free", "sgd-1e-2-60ep", optimizer="sgd", lr=1e-2, epochs=60, **_WC),
+    _r("direct-all/free", "adam-1e-3-60ep", lr=1e-3, epochs=60, **_WC),
+    _r("direct-all/free", "bn-reestimate", lr=1e-3, bn="reestimate", **_WC),
+    _r("direct-all/regrow", "regrow", lr=1e-3, **_WC),
+    _r("direct-all/free", "source-aided", lr=1e-3, source_fraction=0.01, **_WC),
+)
+
+SUITES = {s.name: s for s in (
+    Suite("paper", "NTP's recipe (Adam 1e-4, 30 epochs, pruned weights held at 0): the papers' numbers", _PAPER),
+    Suite("standard", "paper + pruned weights free, a re-initialised head, head-only fine-tuning", _STANDARD),
+    Suite("robust", "standard + SGD/Adam/AdamW with warm-up + cosine at several lr, 60-epoch runs, and the BN, "
+                    "regrowth and source-aided attackers", _ROBUST),
+    Suite("search", "random search over optimizer, lr, epochs, batch, schedule, head and BN reset; each trial "
+                    "chosen on a validation split of the attacker's subset", (), trials=20),
+)}
+
+# The random search's space: optimizer, lr log-uniform, and the discrete choices.
+SEARCH_SPACE = {"optimizer": ("sgd", "adam", "adamw"), "lr": (1e-5, 1e-1), "epochs": (10, 30, 60),
+                "batch_size": (32, 64, 128), "schedule": ("none", "warmup-cosine"), "head": ("kept", "reinit"),
+                "bn": ("kept", "reestimate")}
+
+
+def search_recipes(trials: int, seed: int = 0) -> list[AttackRecipe]:
+    """The search's candidate recipes, drawn by `seed` (the same candidates at every ratio)."""
+    rng = np.random.default_rng([seed, 7331])
+    out = []
+    lo, hi = SEARCH_SPACE["lr"]
+    for t in range(trials):
+        def pick(k):
+            v = SEARCH_SPACE[k]
+            return v[int(rng.integers(len(v)))]
+
+        opt = pick("optimizer")
+        lr = float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
+        out.append(AttackRecipe(train="all", head=pick("head"), pruned="free", optimizer=opt, lr=lr,
+                                weight_decay=1e-2 if opt == "adamw" else 8e-4, epochs=int(pick("epochs")),
+                                batch_size=int(pick("batch_size")), schedule=pick("schedule"), bn=pick("bn"),
+                                label=f"search-{t}"))
+    return out
+
+
+def list_suites() -> list[Suite]:
+    return list(SUITES.values())
+
+
+def get_suite(spec: str) -> Suite:
+    """A named suite, or a TOML/JSON suite file."""
+    if spec in SUITES:
+        return SUITES[spec]
+    path = Path(spec)
+    if not path.exists():
+        raise EdgeguardError(f"unknown suite {spec!r}: use one of {', '.join(SUITES)} or a .toml/.json file")
+    return load_suite_file(path)
+
+
+def load_suite_file(path: Path) -> Suite:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeguardError(f"{path}: cannot read the suite file ({e})") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:
+        raise EdgeguardError(f"{path}: not a valid {path.suffix.lstrip('.') or 'JSON'} suite file ({e})") from None
+    if isinstance(data, list):
+        data = {"recipes": data}
+    if not isinstance(data, dict):
+        raise EdgeguardError(f"{path}: a suite file holds a list of recipes")
+    entries = data.get("recipes", data.get("recipe", []))
+    trials = data.get("trials", 0)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise EdgeguardError(f"{path}: `recipes` must be a list of tables, one per recipe")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 0:
+        raise EdgeguardError(f"{path}: `trials` must be a whole number ≥ 0")
+    recipes = []
+    for i, e in enumerate(entries):
+        try:
+            recipes.append(AttackRecipe.from_dict(e))
+        except EdgeguardError as err:
+            raise EdgeguardError(f"{path}: recipe {i + 1}: {err}") from None
+    if not recipes and not trials:
+        raise EdgeguardError(f"{path}: the suite has no recipe and no search trials")
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise EdgeguardError(f"{path}: two recipes are named {dup!r}; give each its own `name`")
+    return Suite(str(data.get("name", path.stem)), str(data.get("description", f"from {path}")), tuple(recipes),
+                 trials)
