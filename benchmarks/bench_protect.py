@@ -15,8 +15,8 @@ from _record import record
 from edgeguard.evaluation.attack import parse_attack
 from edgeguard.evaluation.metrics import direct_metrics, mean_std
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
-from edgeguard.evaluation.suites import get_suite
 from edgeguard.evaluation.slc_auc import parse_grid
+from edgeguard.evaluation.suites import get_suite
 from edgeguard.protect import protect
 
 

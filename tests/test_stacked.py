@@ -8,7 +8,13 @@ from torch import nn
 
 from edgeguard.artifact import load_artifact
 from edgeguard.domains import get_domain
-from edgeguard.evaluation.attack import AttackRecipe, attack_start, scratch_model, stratified_subset, train_run
+from edgeguard.evaluation.attack import (
+    AttackRecipe,
+    attack_start,
+    scratch_model,
+    stratified_subset,
+    train_run,
+)
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.stacked import StackRun, build_stack, train_stack
 from edgeguard.masks import MaskSet

@@ -1,0 +1,59 @@
+"""The robust suite (or any suite) for a list of model files, side by side with their paper-recipe SLC-AUC.
+
+A report folder that already holds finished runs is resumed (nothing retrained) and its first run's wall time
+is kept, so the table can be re-made from `edgeguard evaluate --suite` runs done earlier.
+    python benchmarks/bench_robust_suite.py runs/mnist_small.safetensors runs/map_usps.safetensors \
+        --target usps --grid 0.001,0.002,0.005,0.01,0.05,0.1,0.2 --executor processes --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _record import record
+
+from edgeguard.evaluation.runner import EvalConfig, evaluate_model
+from edgeguard.evaluation.slc_auc import parse_grid
+from edgeguard.evaluation.suites import get_suite
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--target", default="usps")
+    ap.add_argument("--suite", default="robust")
+    ap.add_argument("--grid", default=None)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--executor", default="local")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--reports", default="runs", help="report folders go to REPORTS/robust_<model stem>")
+    a = ap.parse_args()
+    suite = get_suite(a.suite)
+    rows = [f"| model | method | source acc. | paper SLC-AUC | robust SLC-AUC ({suite.name}, {len(suite.recipes)} "
+            "recipes) | best recipe of the protected model per ratio | strongest single recipe (its SLC-AUC) | wall s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for model in a.models:
+        rep = Path(a.reports) / f"robust_{Path(model).stem}"
+        earlier = rep / "report.json"
+        first_wall = json.loads(earlier.read_text()).get("wall_seconds") if earlier.exists() else None
+        cfg = EvalConfig(target=a.target, attacks=list(suite.recipes), grid=parse_grid(a.grid), seeds=a.seeds,
+                         device=a.device, executor=a.executor, workers=a.workers, suite=suite.name,
+                         search_trials=suite.trials)
+        res = evaluate_model(model, cfg, rep)
+        s = res["suite"]
+        per = s["per_recipe_slc_auc"]
+        paper = next((e["slc_auc"] for e in res["attacks"] if e["attack"] == "paper"), None)
+        best = max(per, key=lambda k: per[k][0])
+        wall = first_wall if first_wall is not None else res["wall_seconds"]
+        src = res["source_accuracy"]
+        rows.append(f"| {Path(model).name} | {res['method']} | {src * 100:.2f} % | "
+                    f"{paper[0]:+.2f} | **{s['robust_slc_auc'][0]:+.2f} ± {s['robust_slc_auc'][1]:.2f}** | "
+                    f"{', '.join(s['protected_winner'])} | {best} {per[best][0]:+.2f} | {wall:.0f} |")
+        print(rows[-1], flush=True)
+    record(f"Suite {suite.name} per model, {a.target}, grid {a.grid or 'default'}, {a.seeds} seed(s)", rows)
+
+
+if __name__ == "__main__":
+    main()
