@@ -53,7 +53,10 @@ def test_parse_attack_names():
 def test_transfer_beats_scratch(mnist_model, tmp_path):
     res = evaluate_model(mnist_model, _cfg(), tmp_path / "rep")
     assert res["attacks"][0]["slc_auc"][0] > 0
-    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "attack_direct-all_masked.png").exists()
+    name = res["attacks"][0]["attack"]
+    assert name == "direct-all/masked adam lr=0.001 8ep bs=64"  # settings off NTP's recipe are in the name
+    png = "attack_direct-all_masked_adam_lr_0.001_8ep_bs_64.png"
+    assert (tmp_path / "rep" / png).stat().st_size > 10_000 and f"({png})" in (tmp_path / "rep" / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")
