@@ -16,7 +16,7 @@ from edgeguard.evaluation.attack import parse_attack
 from edgeguard.evaluation.metrics import direct_metrics, mean_std
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import parse_grid
-from edgeguard.evaluation.suites import get_suite
+from edgeguard.evaluation.suites import get_suite, with_recipes
 from edgeguard.protect import protect
 
 
@@ -66,10 +66,8 @@ def main() -> None:
         secs = time.perf_counter() - t
         slc = ""
         if attacks:
-            recipes = [parse_attack(x) for x in attacks]
             suite = get_suite(a.suite) if a.suite else None
-            if suite:
-                recipes = list(suite.recipes) + [r for r in recipes if r.key() not in [s.key() for s in suite.recipes]]
+            recipes = with_recipes(suite, [parse_attack(x) for x in attacks])
             cfg = EvalConfig(target=a.target, attacks=recipes, grid=parse_grid(a.grid), seeds=1, device=a.device,
                              workers=a.workers, executor=a.executor, suite=suite.name if suite else None,
                              search_trials=suite.trials if suite else 0)

@@ -192,19 +192,15 @@ def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, 
     from .evaluation.report import verdict
     from .evaluation.runner import EvalConfig, evaluate_model
     from .evaluation.slc_auc import parse_grid
-    from .evaluation.suites import get_suite
+    from .evaluation.suites import get_suite, with_recipes
 
     chosen = get_suite(suite).with_trials(trials) if suite else None
     if trials is not None and chosen is None:
         chosen = get_suite("search").with_trials(trials)
     if not attacks and chosen is None:
         attacks = ("direct-all/masked",)
-    recipes = list(chosen.recipes) if chosen else []
-    for a in attacks:
-        r = parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                         batch_size=batch_size)
-        if r.key() not in [x.key() for x in recipes]:
-            recipes.append(r)
+    recipes = with_recipes(chosen, [parse_attack(a, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                                                 epochs=epochs, batch_size=batch_size) for a in attacks])
     cfg = EvalConfig(target=target, attacks=recipes, grid=parse_grid(grid), seeds=seeds, max_train=max_train,
                      max_test=max_test, device=device, data_root=data_root, workers=workers, executor=executor,
                      max_stack=max_stack, precision=precision, ray_address=ray_address,

@@ -351,14 +351,21 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024) -> floa
     return float((logits.argmax(1) == data.y.to(logits.device)).float().mean())
 
 
+def recipe_input(x: torch.Tensor, gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+    """A uint8 batch as the recipe trains on it: normalised, then augmented from the epoch's generator (the one
+    definition the loop and the stacked engine share, so both draw the same augmentation)."""
+    x = normalize(x)
+    if cfg.augment_shift or cfg.augment_flip:
+        x = augment(x, gen, cfg.augment_shift, cfg.augment_flip)
+    return x
+
+
 def classification_step(model: nn.Module, cfg: TrainConfig) -> StepFn:
     """Cross-entropy on (batch, generator) items; the generator drives the batch's augmentation."""
 
     def step(item: tuple[TensorData, torch.Generator]):
         batch, gen = item
-        x = normalize(batch.x)
-        if cfg.augment_shift or cfg.augment_flip:
-            x = augment(x, gen, cfg.augment_shift, cfg.augment_flip)
+        x = recipe_input(batch.x, gen, cfg)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)

@@ -15,14 +15,35 @@ def _fmt(ms) -> str:
     return f"{m:+.3f} ± {s:.3f}"
 
 
-def plot_attack(entry: dict, title: str, path: Path, method: str = "protected") -> None:
+def _figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=size, dpi=120)
+
+
+def _finish(fig, ax, title: str, path: Path, legend_size: int) -> None:
+    """The learning-curve axes every report figure shares, then an atomic PNG write."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_xlabel("target samples the attacker fine-tunes on (log scale)")
+    ax.set_ylabel("target test accuracy after the attack (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=legend_size)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_attack(entry: dict, title: str, path: Path, method: str = "protected") -> None:
     n = np.asarray(entry["n"], dtype=float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = _figure((6.4, 4.2))
     first = "evaluated model (no protection)" if method in ("none", None) else f"protected ({method})"
     styles = [("protected", first, "#d62728"), ("unprotected", "unprotected (source model)", "#1f77b4"),
               ("scratch", "from scratch", "#7f7f7f")]
@@ -35,19 +56,9 @@ def plot_attack(entry: dict, title: str, path: Path, method: str = "protected") 
                 ls="--" if key == "scratch" else "-")
         if a.shape[0] > 1:
             ax.fill_between(n, a.min(0), a.max(0), color=color, alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("target samples the attacker fine-tunes on (log scale)")
-    ax.set_ylabel("target test accuracy after the attack (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, which="both", alpha=0.3)
     slc = entry["slc_auc"][0]
     verdict = "worse than scratch" if slc < 0 else "better than scratch"
-    ax.set_title(f"{title}\n{entry['attack']}: SLC-AUC {slc:+.2f} ({verdict})", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish(fig, ax, f"{title}\n{entry['attack']}: SLC-AUC {slc:+.2f} ({verdict})", path, 8)
 
 
 def _png_name(attack: str) -> str:
@@ -57,15 +68,10 @@ def _png_name(attack: str) -> str:
 def plot_suite(results: dict, title: str, path: Path) -> None:
     """The attacker's best recipe: both envelopes (and the unprotected model's) in bold, each recipe thin, the
     area between the protected and the scratch envelope shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     suite = results["suite"]
     entries = results["attacks"]
     n = np.asarray(entries[0]["n"], dtype=float)
-    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    fig, ax = _figure((7.2, 4.8))
     for e in entries:
         ax.plot(n, np.asarray(e["protected"]).mean(0) * 100, color="#d62728", lw=0.7, alpha=0.45)
         ax.plot(n, np.asarray(e["scratch"]).mean(0) * 100, color="#7f7f7f", lw=0.7, alpha=0.45, ls="--")
@@ -80,19 +86,9 @@ def plot_suite(results: dict, title: str, path: Path) -> None:
     if "unprotected_envelope" in suite:
         ax.plot(n, np.asarray(suite["unprotected_envelope"]).mean(0) * 100, color="#1f77b4", lw=2.5,
                 label="unprotected: best recipe per ratio")
-    ax.set_xscale("log")
-    ax.set_xlabel("target samples the attacker fine-tunes on (log scale)")
-    ax.set_ylabel("target test accuracy after the attack (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, which="both", alpha=0.3)
     m, sd = suite["robust_slc_auc"]
-    ax.set_title(f"{title}\nsuite {suite['name']} ({len(entries)} recipes, thin lines): robust SLC-AUC "
-                 f"{m:+.2f} ± {sd:.2f}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish(fig, ax, f"{title}\nsuite {suite['name']} ({len(entries)} recipes, thin lines): robust SLC-AUC "
+                     f"{m:+.2f} ± {sd:.2f}", path, 7)
 
 
 def verdict(results: dict) -> str:

@@ -29,15 +29,7 @@ from torch import nn
 from ..devices import autocast, resolve_device
 from ..errors import EdgeguardError
 from ..masks import MaskSet
-from ..training import (
-    TensorData,
-    TrainConfig,
-    augment,
-    epoch_generator,
-    iterate_batches,
-    lr_factor,
-    normalize,
-)
+from ..training import TensorData, TrainConfig, epoch_generator, iterate_batches, lr_factor, recipe_input
 
 log = logging.getLogger(__name__)
 
@@ -294,10 +286,7 @@ def _run_batches(run: StackRun, device: torch.device) -> Iterator[tuple[torch.Te
     for epoch in range(run.cfg.epochs):
         gen = epoch_generator(run.cfg.seed, epoch, device)
         for b in iterate_batches(data, run.cfg.batch_size, gen):
-            x = normalize(b.x)
-            if run.cfg.augment_shift or run.cfg.augment_flip:
-                x = augment(x, gen, run.cfg.augment_shift, run.cfg.augment_flip)
-            yield x, b.y
+            yield recipe_input(b.x, gen, run.cfg), b.y
 
 
 def _stacked_masks(net: nn.Module, runs: list[StackRun], device: torch.device) -> dict[str, torch.Tensor]:

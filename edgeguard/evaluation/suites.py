@@ -101,6 +101,17 @@ def search_recipes(trials: int, seed: int = 0) -> list[AttackRecipe]:
     return out
 
 
+def with_recipes(suite: Suite | None, extra: list[AttackRecipe]) -> list[AttackRecipe]:
+    """The suite's recipes followed by `extra` ones it does not already hold (by key): `--suite` with `--attack`."""
+    recipes = list(suite.recipes) if suite else []
+    keys = [r.key() for r in recipes]
+    for r in extra:
+        if r.key() not in keys:
+            recipes.append(r)
+            keys.append(r.key())
+    return recipes
+
+
 def list_suites() -> list[Suite]:
     return list(SUITES.values())
 
