@@ -3,7 +3,7 @@
 #
 #   EDGEGUARD_DATA_ROOT=<data> OUT=<folder> bash benchmarks/gpu_session.sh [STEP ...]
 #
-# STEPs (default: all, in this order): env throughput train grid suite ntp map eval. Variables above the functions
+# STEPs (default: all, in this order): env throughput train grid suite ntp map harden eval. Variables above the functions
 # choose the pair (SRC, TGT), the NTP configs, the MAP settings and the seeds.
 # Each step has its own time limit and a failure does not stop the others; the script skips a step that
 # would run past DEADLINE seconds (default 570). Rows go to benchmarks/RESULTS.md (copied to $OUT with logs).
@@ -73,12 +73,20 @@ run_grid() {
     step 200 python3 benchmarks/bench_eval_grid.py "$R/r18_$SRC.safetensors" --target "$TGT" --workers 1 "$WORKERS" \
         --device cuda
 }
+run_suite() {  # #17/#18: three seeds x the standard suite on resnet18 (target <= 60 s on an H100)
+    step 200 $EG evaluate "$R/r18_$SRC.safetensors" --target "$TGT" --suite standard --seeds 3 \
+        --report "$R/r18_${SRC}_${TGT}_standard" --device cuda --json
+}
+run_harden() {  # #19: harden resnet18 (dense) and judge it by the robust suite; HARDEN_SET: extra --set KEY=VALUE
+    step 420 python3 benchmarks/bench_harden.py "$R/r18_$SRC.safetensors" --source-model "$R/r18_$SRC.safetensors" \
+        --target "$TGT" --weights 0,1 --device cuda --reports "$R" ${HARDEN_SET:-}
+}
 run_eval() {  # #4's "done when": a readable report of the unprotected resnet18 against USPS
     step 120 $EG evaluate "$R/r18_$SRC.safetensors" --target "$TGT" --attack direct-all/masked --attack direct-all/free \
         --report "$R/r18_${SRC}_${TGT}_report" --workers "$WORKERS" --device cuda
 }
 steps=("$@")
-(( ${#steps[@]} )) || steps=(env throughput train grid suite ntp map eval)
+(( ${#steps[@]} )) || steps=(env throughput train grid suite ntp map harden eval)
 for s in "${steps[@]}"; do "run_$s"; done 2>&1 | tee "$OUT/gpu_session.log"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 (cd "$R" && find . -path ./cache -prune -o -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.jsonl' \) \

@@ -256,15 +256,20 @@ def _print_method_config(ctx, param, value) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Any setting of the method, e.g. --set epochs=4 --set synth.n=512 (see --help-config).")
 @click.option("--seed", type=int, default=None, help="Seed of the method (default: its config's, 0).")
+@click.option("--harden", is_flag=True,
+              help="Then harden the result against a distribution of fine-tuning attacks (`edgeguard harden`); "
+                   "the unhardened model is kept as OUT's stem + .base.safetensors.")
+@click.option("--harden-set", "harden_overrides", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the hardening (see `edgeguard methods harden`).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written as the method runs).")
 @data_root_option
 @device_option
 @json_option
-def protect(method, source_model, target, out, setting, config_file, overrides, seed, resume, data_root, device,
-            as_json) -> None:
+def protect(method, source_model, target, out, setting, config_file, overrides, seed, harden, harden_overrides,
+            resume, data_root, device, as_json) -> None:
     """Protect a source model against reuse on an unauthorised domain."""
     from .protect import protect as run_protect
-    from .protect import read_config_file
+    from .protect import protect_hardened, read_config_file
 
     if method is None:
         if config_file is None:
@@ -277,8 +282,41 @@ def protect(method, source_model, target, out, setting, config_file, overrides, 
         extra.append(f"setting={setting}")
     if seed is not None:
         extra.append(f"seed={seed}")
-    r = run_protect(method, source_model, out, target=target, overrides=[*extra, *overrides],
-                    config_file=config_file, data_root=data_root, device=device, resume=resume)
+    if harden_overrides and not harden:
+        raise EdgeguardError("--harden-set needs --harden")
+    if harden:
+        if method == "harden":
+            raise EdgeguardError("--method harden already hardens; drop --harden (or use `edgeguard harden`)")
+        first, r = protect_hardened(method, source_model, out, target=target, overrides=[*extra, *overrides],
+                                    harden_overrides=harden_overrides, config_file=config_file,
+                                    data_root=data_root, device=device, resume=resume)
+        _say(as_json, first.line())
+    else:
+        r = run_protect(method, source_model, out, target=target, overrides=[*extra, *overrides],
+                        config_file=config_file, data_root=data_root, device=device, resume=resume)
+    _say(as_json, r.line())
+    if as_json:
+        _emit_json(r.to_dict())
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", required=True, help="Unauthorised domain the fine-tuning attacks train on.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Hardened model file to write.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any setting of the hardening, e.g. --set outer_steps=300 (see `edgeguard methods harden`).")
+@click.option("--seed", type=int, default=None, help="Seed of the hardening (default 0).")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (checkpointed every eval_every steps).")
+@data_root_option
+@device_option
+@json_option
+def harden(model, target, out, overrides, seed, resume, data_root, device, as_json) -> None:
+    """Harden a model (a source model, or NTP's / MAP's output) against a distribution of fine-tuning attacks."""
+    from .protect import protect as run_protect
+
+    extra = [f"seed={seed}"] if seed is not None else []
+    r = run_protect("harden", model, out, target=target, overrides=[*extra, *overrides], data_root=data_root,
+                    device=device, resume=resume)
     _say(as_json, r.line())
     if as_json:
         _emit_json(r.to_dict())
@@ -456,12 +494,13 @@ def models() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Source training epochs.")
 @click.option("--method", type=click.Choice(["map", "ntp"]), default="map", show_default=True,
               help="Protection method the demo runs.")
+@click.option("--harden", is_flag=True, help="Harden the protected model against a distribution of attacks too.")
 @device_option
-def demo(out, epochs, method, device) -> None:
+def demo(out, epochs, method, harden, device) -> None:
     """Run the whole chain on the embedded digit sample (CPU, a few minutes)."""
     from .demo import run_demo
 
-    r = run_demo(Path(out), epochs=epochs, method=method, device=device, echo=click.echo)
+    r = run_demo(Path(out), epochs=epochs, method=method, device=device, harden=harden, echo=click.echo)
     if r["validate_exit_code"]:
         sys.exit(r["validate_exit_code"])
 

@@ -14,9 +14,10 @@ from .source import train_source
 SOURCE, TARGET = "mnist_sample", "usps_sample"
 # Each method's settings for the embedded sample (2,000 images per domain): small enough for a CPU in minutes.
 DEMO_SETTINGS = {"map": ["epochs=10"], "ntp": ["source_fraction=0.5", "target_fraction=0.5", "iterations=10"]}
+DEMO_HARDEN = ["source_fraction=0.5", "target_fraction=0.5", "outer_steps=40", "eval_every=10", "attacks=2"]
 
 
-def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = "auto",
+def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = "auto", harden: bool = False,
              echo: Callable[[str], None] = print) -> dict:
     from .evaluation.attack import AttackRecipe
     from .evaluation.runner import EvalConfig, evaluate_model
@@ -30,12 +31,18 @@ def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = 
     echo(f"      source test accuracy {src['test_accuracy'] * 100:.1f}% ({src['seconds']:.0f} s)")
     summary["source"] = src
 
-    prot = out / f"protected_{method}.safetensors"
-    echo(f"[2/5] protect it against {TARGET} with {method.upper()}")
-    from .protect import protect
+    prot = out / f"protected_{method}{'_hardened' if harden else ''}.safetensors"
+    echo(f"[2/5] protect it against {TARGET} with {method.upper()}" + (", then harden it" if harden else ""))
+    from .protect import protect, protect_hardened
 
-    r = protect(method, out / "source.safetensors", prot, target=TARGET, overrides=DEMO_SETTINGS.get(method, []),
-                device=device)
+    if harden:
+        base, r = protect_hardened(method, out / "source.safetensors", prot, target=TARGET,
+                                   overrides=DEMO_SETTINGS.get(method, []), harden_overrides=DEMO_HARDEN,
+                                   device=device)
+        echo(f"      {base.line()}")
+    else:
+        r = protect(method, out / "source.safetensors", prot, target=TARGET,
+                    overrides=DEMO_SETTINGS.get(method, []), device=device)
     s, t = r.source, r.accuracy(TARGET)
     echo(f"      source {s.before * 100:.1f}% → {s.after * 100:.1f}%, target {t.before * 100:.1f}% → "
          f"{t.after * 100:.1f}%, sparsity {r.sparsity * 100:.1f}% ({r.seconds:.0f} s)")

@@ -30,3 +30,12 @@ def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
     if enabled and cpu and device.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_bf16(precision: str, device) -> bool:
+    """Whether fine-tuning runs (attacks, simulated attacks) autocast to bf16 on this CPU: `auto` where the CPU
+    has native bf16 (CUDA always autocasts unless fp32 is asked for)."""
+    if precision == "fp32" or resolve_device(device).type != "cpu":
+        return False
+    return precision == "bf16" or bool(torch.backends.mkldnn.is_available()
+                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())

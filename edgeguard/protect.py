@@ -116,8 +116,14 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     dev = resolve_device(device)
     art = load_artifact(source_model, dev)
     card = art.card
-    if card.protected:
-        raise EdgeguardError(f"{source_model}: already protected ({card.method}); start from the source model")
+    if card.protected and not m.refines:
+        raise EdgeguardError(f"{source_model}: already protected ({card.method}); start from the source model "
+                             "(only a refining method such as harden takes a protected model)")
+    if card.protected and card.method.endswith(f"+{m.name}"):
+        raise EdgeguardError(f"{source_model}: already {card.method}; {m.name} it once, from its input")
+    if card.protected and card.target_domains and target and target not in card.target_domains:
+        raise EdgeguardError(f"{source_model} is protected against {', '.join(card.target_domains)}, not {target}; "
+                             f"{m.name} it against the same --target")
     needs = m.needs(cfg)
     if needs.target_images and not target:
         raise EdgeguardError(f"method {m.name} with these settings needs --target DOMAIN (the unauthorised domain)")
@@ -136,7 +142,7 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     data = ProtectionData(
         source=_train_split(src_dom, dev, needs.source_labels) if needs.source_images else None,
         target=_train_split(tgt_dom, dev, needs.target_labels) if needs.target_images else None,
-        num_classes=card.num_classes, device=dev)
+        num_classes=card.num_classes, device=dev, mask=art.mask if card.protected else None)
     model = art.model
     tests = {"source": _test_split(src_dom, dev), "target": _test_split(tgt_dom, dev)}  # before and after
     before = {role: evaluate(model, t) if t is not None else None for role, t in tests.items()}
@@ -158,16 +164,54 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     for role, domain in (("source", card.source_domain), ("target", target)):
         if tests[role] is not None:
             accs.append(DomainAccuracy(domain, role, evaluate(protected, tests[role]), before[role]))
+    protection = {"history": result.history, "seconds": round(seconds, 2), "data": needs.describe(),
+                  "source_model_sha256": source_sha, **result.notes}
+    method_name = m.name
+    if card.protected:  # a refinement: the card names both steps and keeps the input's record
+        method_name = f"{card.method}+{m.name}"
+        protection["input"] = {"method": card.method, "method_config": card.method_config,
+                               "target_domains": card.target_domains, "protection": card.protection,
+                               "weights_changed": "the refinement trains the kept weights (a frozen-weight "
+                                                  "method's weights included); the mask is the input's"}
     new_card = dataclasses.replace(
-        card, method=m.name, method_config=dataclasses.asdict(cfg), target_domains=[target] if target else [],
-        accuracies=accs, training=None,
-        protection={"history": result.history, "seconds": round(seconds, 2), "data": needs.describe(),
-                    "source_model_sha256": source_sha, **result.notes})
+        card, method=method_name, method_config=dataclasses.asdict(cfg), target_domains=[target] if target else [],
+        accuracies=accs, training=None, protection=protection)
     save_artifact(out, protected.cpu(), new_card, result.mask)
     atomic_write_text(out.with_name(out.name + ".config.json"), config_json(m, cfg))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return ProtectSummary(out=str(out), method=m.name, seconds=round(seconds, 2), sparsity=result.mask.sparsity(),
                           accuracies=accs, config=dataclasses.asdict(cfg))
+
+
+def protect_hardened(method: str, source_model: str | os.PathLike, out: str | os.PathLike, *,
+                     target: str | None = None, overrides=(), harden_overrides=(), config_file=None,
+                     data_root: str | None = None, device: str = "auto", resume: bool = False
+                     ) -> tuple[ProtectSummary, ProtectSummary]:
+    """`protect --harden`: the method writes OUT's stem + `.base.safetensors`, harden refines it into OUT.
+    With `resume`, a finished base file is reused and the hardening continues from its checkpoints."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise EdgeguardError(f"--out {out}: the model file must end in .safetensors")
+    make_config("harden", None, harden_overrides)  # bad harden settings fail before the first stage runs
+    base = out.with_name(out.stem + ".base.safetensors")
+    if resume and base.exists() and not base.with_name(base.name + ".ckpt").exists():
+        first = _summary_of(base)
+    else:
+        first = protect(method, source_model, base, target=target, overrides=overrides, config_file=config_file,
+                        data_root=data_root, device=device, resume=resume)
+    second = protect("harden", base, out, target=target, overrides=harden_overrides, data_root=data_root,
+                     device=device, resume=resume)
+    return first, second
+
+
+def _summary_of(path: Path) -> ProtectSummary:
+    """The summary of a protected file written earlier (from its card)."""
+    from .artifact import read_card
+
+    card = read_card(path)
+    sparsity = card.mask.sparsity if card.mask is not None else 0.0
+    return ProtectSummary(out=str(path), method=card.method, seconds=float((card.protection or {}).get("seconds", 0)),
+                          sparsity=sparsity, accuracies=list(card.accuracies), config=card.method_config)
 
 
 def _prepare_checkpoints(ckpt_dir: Path, run_key: str, resume: bool) -> None:

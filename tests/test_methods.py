@@ -18,6 +18,7 @@ QUICK = {
     "map": ["epochs=2", "repair_epochs=1"],
     "ntp": ["source_fraction=0.25", "target_fraction=0.25", "iterations=2", "recovery_epochs=1", "head_epochs=1"],
     "magnitude": ["sparsity=0.4"],
+    "harden": ["outer_steps=4", "eval_every=2", "attacks=1", "inner_steps=4", "suppress_every=2", "proxy_steps=4"],
 }
 
 # Recorded on main at 6ccadb9 (before the method seam) with /tmp's fingerprint script: the same runs through

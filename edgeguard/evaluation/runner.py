@@ -23,7 +23,7 @@ import numpy as np
 from runtime.fileio import atomic_write_text
 
 from ..artifact import Artifact, load_artifact
-from ..devices import resolve_device
+from ..devices import cpu_bf16, resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
 from ..masks import MaskSet
@@ -97,16 +97,6 @@ def default_max_stack(device) -> int:
     """Runs per stack: on a CPU a stack larger than 2 spills the caches and each run gets slower (RESULTS);
     a GPU is far from full with one small run."""
     return 32 if resolve_device(device).type == "cuda" else 2
-
-
-def cpu_bf16(precision: str, device) -> bool:
-    """Whether attacks autocast to bf16 on this CPU (CUDA always does unless fp32 is asked for)."""
-    import torch
-
-    if precision == "fp32" or resolve_device(device).type != "cpu":
-        return False
-    return precision == "bf16" or bool(torch.backends.mkldnn.is_available()
-                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _key(d: dict) -> str:

@@ -48,6 +48,7 @@ class ProtectionData:
     target: TensorData | None
     num_classes: int
     device: torch.device
+    mask: MaskSet | None = None  # the input's mask, for a method that refines a protected model
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ProtectionMethod:
     config_cls: type
     needs: Callable[[ConfigT], DataNeeds]
     run: RunFn
+    refines: bool = False  # True: also takes a protected model (its mask stays exact) as well as a source model
 
     def describe_needs(self, cfg: ConfigT | None = None) -> str:
         return self.needs(cfg if cfg is not None else self.config_cls()).describe()
@@ -112,7 +114,7 @@ _METHODS: dict[str, ProtectionMethod] = {}
 
 
 def register_method(name: str, summary: str, config_cls: type, needs: Callable[[ConfigT], DataNeeds],
-                    run: RunFn) -> ProtectionMethod:
+                    run: RunFn, refines: bool = False) -> ProtectionMethod:
     """Add a method to the registry (each method module calls this once, at import)."""
     import dataclasses
 
@@ -120,13 +122,13 @@ def register_method(name: str, summary: str, config_cls: type, needs: Callable[[
         raise ValueError(f"protection method {name!r} is registered twice")
     if not dataclasses.is_dataclass(config_cls) or "seed" not in {f.name for f in dataclasses.fields(config_cls)}:
         raise TypeError(f"{name}: the config must be a dataclass with a `seed` field")
-    method = ProtectionMethod(name, summary, config_cls, needs, run)
+    method = ProtectionMethod(name, summary, config_cls, needs, run, refines)
     _METHODS[name] = method
     return method
 
 
 def _load_builtin() -> None:
-    from . import baselines, map, ntp  # noqa: F401  (each registers itself)
+    from . import baselines, harden, map, ntp  # noqa: F401  (each registers itself)
 
 
 def get_method(name: str) -> ProtectionMethod:

@@ -68,6 +68,13 @@ def small_cnn(num_classes: int = 10, width: int = 16) -> Classifier:
     return Classifier(encoder, _pool_linear(4 * w, num_classes), "small_cnn", num_classes)
 
 
+@register_model("cnn32", "small_cnn at width 32 (32-64-128): the CPU reference model of the protection bars")
+def cnn32(num_classes: int = 10) -> Classifier:
+    model = small_cnn(num_classes, width=32)
+    model.arch = "cnn32"
+    return model
+
+
 @register_model("resnet18", "torchvision ResNet-18 (standard stem) for 32 px; head = avgpool + fc")
 def resnet18(num_classes: int = 10) -> Classifier:
     from torchvision.models import resnet18 as tv_resnet18
