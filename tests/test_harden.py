@@ -17,11 +17,10 @@ from edgeguard.training import TensorData, evaluate
 
 # Small enough for the test suite; the full budget is in benchmarks/bench_harden.py.
 FAST = ["outer_steps=60", "eval_every=20", "attacks=2", "proxy_steps=32"]
-# Never sampled: the sampler draws batches 16–128 and 16 inner steps; this attack runs batch 8 for 25 epochs
-# of 1 % of USPS (about 230 steps) with Adam 5e-4 and a warm-up + cosine schedule, pruned weights free.
-UNSAMPLED = AttackRecipe(train="all", head="kept", pruned="free", optimizer="adam", lr=5e-4, epochs=25,
-                         batch_size=8, schedule="warmup-cosine")
-MARGIN = 0.05  # the unsampled attack's USPS accuracy drops by at least 5 points (measured: see RESULTS)
+# Never sampled: every simulated attack trains all weights; this one trains the head alone (a linear probe on
+# the hardened features), Adam 1e-3 for 30 epochs on 1 % of USPS.
+UNSAMPLED = AttackRecipe(train="head", head="kept", optimizer="adam", lr=1e-3, epochs=30)
+MARGIN = 0.05  # its USPS accuracy drops by at least 5 points (measured 69.6 → 59.7 %, RESULTS "Hardening")
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,10 @@ class HardenConfig:
     inner_steps: int = param(32, "plain fine-tuning steps of each simulated attack")
     suppress_every: int = param(8, "take the suppression gradient every this many inner steps (and at the end)")
     min_images: int = param(8, "smallest attacker subset a simulated attack trains on (log-uniform up to all)")
-    suppress_weight: float = param(1.0, "weight of the meta-gradient against the source terms")
+    suppress_weight: float = param(100.0, "weight of the meta-gradient against the source terms (Adam normalises "
+                                          "the sum: at 1 the source terms decide, RESULTS)")
     meta_clip: float = param(0.5, "clip of the meta-gradient's global norm")
-    lr: float = param(3e-4, "Adam learning rate of the outer step")
+    lr: float = param(1e-3, "Adam learning rate of the outer step")
     kd_weight: float = param(1.0, "weight of the distillation to the frozen input model on source batches")
     batch_size: int = param(128, "source batch of the outer step and held-out target batch of the suppression")
     augment_shift: int = param(2, "random translation (pixels) of the source batches")
