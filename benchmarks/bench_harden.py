@@ -60,10 +60,14 @@ def plot() -> Path:
     for method in sorted({r["input_method"] for r in rows}):
         pts = sorted((float(r["weight"]), float(r["source_acc"]) * 100, float(r["robust_slc_auc"]))
                      for r in rows if r["input_method"] == method)
-        ax.plot([p[2] for p in pts], [p[1] for p in pts], "o-", label=method)
+        label = "dense input" if method == "none" else f"{method.upper()} input"
+        ax.plot([p[2] for p in pts], [p[1] for p in pts], "o-", label=label)
         for w, s, a in pts:
             ax.annotate(f"w={w:g}", (a, s), fontsize=7, textcoords="offset points", xytext=(4, 3))
     ax.axvline(0, color="grey", lw=0.8, ls="--")
+    refs = {float(r["source_model_acc"]) for r in rows if r["source_model_acc"]}
+    if len(refs) == 1:  # the source bar: at most 1 point below the dense source model
+        ax.axhline(refs.pop() * 100 - 1, color="red", lw=0.8, ls=":", label="source bar (drop 1.0)")
     ax.set_xlabel("robust SLC-AUC (robust suite; < 0: worse than scratch)")
     ax.set_ylabel("source accuracy, eval mode, shipped file (%)")
     ax.set_title("Hardening frontier (w: suppression weight; w=0: the input)")
@@ -110,7 +114,7 @@ def main() -> None:
                    "source_model_acc": ref, "harden_seconds": round(secs, 1), "source_drop": round(drop, 2),
                    "settings": json.dumps(_changed(read_card(out).method_config) if w else {}), **j}
             new.append(row)
-            table.append(f"| {model.name} ({card.method}) | {w:g} | {j['source_acc'] * 100:.2f} % ({drop:+.2f}) | "
+            table.append(f"| {model.name} ({card.method}) | {w:g} | {j['source_acc'] * 100:.2f} % (drop {drop:.2f}) | "
                          f"{j['paper_slc_auc']:+.2f} | **{j['robust_slc_auc']:+.2f}** | {j['robust_winners']} | "
                          f"{secs:.0f} |")
             print(table[-1], flush=True)
