@@ -9,8 +9,9 @@ First-order meta-learning in the SOPHON / TAR family. Each outer step:
    BN in train mode as an attacker runs it) and, every `suppress_every` steps and at the end, takes the
    gradient of a bounded suppression loss (KL of uniform to the prediction: 0 at chance) on a held-out
    target batch; their mean, late steps weighted more (an attacker reads the last epoch), is the
-   meta-gradient (first order: d θ_t / d θ_0 ≈ I), head gradients only where the attack kept the head; each attack's gradient is scaled to unit norm (a kept
-   head's is 10-30× a re-initialised one's and would decide alone), their mean clipped to `meta_clip`;
+   meta-gradient (first order: d θ_t / d θ_0 ≈ I), head gradients only where the attack kept the head;
+   each attack's gradient is scaled to unit norm (a kept head's is 10-30× a re-initialised one's and would
+   decide alone), their mean clipped to `meta_clip`;
 3. adds the source terms on a source batch (CE + temperature-2 distillation to the frozen input model);
 4. one Adam step; pruned weights stay exactly 0 (the mask is the input's).
 Every `eval_every` outer steps a proxy of the robust SLC-AUC is measured: a few-shot attack longer than any
@@ -130,7 +131,8 @@ def sample_attack(rng: np.random.Generator, cfg: HardenConfig, available: int = 
     u = rng.random()
     pruned = "free" if u < cfg.p_free else "regrow" if u < 2 * cfg.p_free else "masked"
     lr = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-    batch, head, bn = int(rng.choice(BATCHES)), bool(rng.random() < cfg.p_head_reinit), bool(rng.random() < cfg.p_bn_reestimate)
+    batch, head = int(rng.choice(BATCHES)), bool(rng.random() < cfg.p_head_reinit)
+    bn = bool(rng.random() < cfg.p_bn_reestimate)
     images = 0
     if available > cfg.min_images:  # few-shot attackers are where transfer pays most (the log-ratio axis)
         images = int(round(math.exp(rng.uniform(math.log(cfg.min_images), math.log(available)))))
@@ -184,9 +186,11 @@ def _start(model: nn.Module, mask: MaskSet | None, atk: SimAttack, gen: torch.Ge
 
 
 def simulate(model: nn.Module, mask: MaskSet | None, atk: SimAttack, adapt: TensorData, held: TensorData,
-             cfg: HardenConfig, gen: torch.Generator, bn_data: TensorData) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Run one sampled attack on a copy (`adapt`, `held`: normalised float inputs); return the first-order meta-gradient (by the model's parameter names),
-    the mean suppression loss along the trajectory and the held-out accuracy at its end."""
+             cfg: HardenConfig, gen: torch.Generator, bn_data: TensorData
+             ) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Run one sampled attack on a copy (`adapt`, `held`: normalised float inputs, `bn_data`: raw images);
+    return the first-order meta-gradient (by parameter name), the mean suppression loss along the trajectory
+    and the held-out accuracy at its end."""
     if 0 < atk.images < len(adapt):  # the attacker's own few images, reused every step as a real attack does
         pick = torch.randperm(len(adapt), generator=gen)[: atk.images].to(adapt.x.device)
         adapt, bn_data = TensorData(adapt.x[pick], adapt.y[pick]), TensorData(bn_data.x[pick], bn_data.y[pick])
@@ -287,8 +291,8 @@ def run_harden(model: nn.Module, data: ProtectionData, cfg: HardenConfig, checkp
     start, weight = 0, cfg.suppress_weight
     best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": 0,
             "proxy": proxy_attack(_shippable(model, src), tgt_n, tgt_held, cfg)}
-    history.append({"step": 0, "source": evaluate(_shippable(model, src), src_held), "input_source": floor + cfg.source_floor,
-                    "proxy": best["proxy"], "weight": weight})
+    history.append({"step": 0, "source": evaluate(_shippable(model, src), src_held),
+                    "input_source": floor + cfg.source_floor, "proxy": best["proxy"], "weight": weight})
     st = checkpoints.load("harden", dev)
     if st is not None:
         model.load_state_dict(st["model"])
@@ -334,7 +338,8 @@ def run_harden(model: nn.Module, data: ProtectionData, cfg: HardenConfig, checkp
             src_acc = evaluate(shipped, src_held)
             proxy = proxy_attack(shipped, tgt_n, tgt_held, cfg)
             row = {"step": step + 1, "source": src_acc, "proxy": proxy, "weight": weight,
-                   "sim_loss": float(np.mean([w[0] for w in window])), "sim_acc": float(np.mean([w[1] for w in window]))}
+                   "sim_loss": float(np.mean([w[0] for w in window])),
+                   "sim_acc": float(np.mean([w[1] for w in window]))}
             window = []
             if src_acc < floor:  # below the floor: back to the best checkpoint, half the suppression
                 model.load_state_dict(best["state"])
