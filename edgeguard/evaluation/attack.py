@@ -172,10 +172,10 @@ def stratified_subset(y: np.ndarray, ratio: float, seed: int, num_classes: int) 
     return np.sort(out)
 
 
-def _reinit_head(model: nn.Module, seed: int) -> None:
-    g = torch.random.fork_rng(devices=[])
-    with g:
-        torch.manual_seed(seed + 7919)
+def reinit_head(model: nn.Module, seed: int) -> None:
+    """Re-initialise the head from `seed` (the global RNG is left as it was): the attacker's new head."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for m in model.head.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
@@ -189,7 +189,7 @@ def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, s
     for p in m.parameters():
         p.requires_grad_(True)
     if recipe.head == "reinit":
-        _reinit_head(m, seed)
+        reinit_head(m, seed + 7919)
     use_mask = None
     if mask is not None and recipe.pruned == "masked":
         keep = {k: v for k, v in mask.masks.items()

@@ -166,15 +166,11 @@ def _normalized(d: TensorData) -> TensorData:
 def _start(model: nn.Module, mask: MaskSet | None, atk: SimAttack, gen: torch.Generator,
            bn_data: TensorData | None) -> tuple[nn.Module, MaskSet | None]:
     """The attacker's copy: head re-initialised, pruned weights regrown, statistics re-estimated as sampled."""
-    from ..evaluation.attack import regrow_  # the evaluation's own regrowth: one definition
+    from ..evaluation.attack import regrow_, reinit_head  # the evaluation's own moves: one definition
 
     m = copy.deepcopy(model)
     if atk.head_reinit:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            for mod in m.head.modules():
-                if hasattr(mod, "reset_parameters"):
-                    mod.reset_parameters()
+        reinit_head(m, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     keep = None
     if mask is not None and atk.pruned == "masked":
         keep = mask
@@ -287,12 +283,6 @@ def run_harden(model: nn.Module, data: ProtectionData, cfg: HardenConfig, checkp
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    history: list[dict] = []
-    start, weight = 0, cfg.suppress_weight
-    best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": 0,
-            "proxy": proxy_attack(_shippable(model, src), tgt_n, tgt_held, cfg)}
-    history.append({"step": 0, "source": evaluate(_shippable(model, src), src_held),
-                    "input_source": floor + cfg.source_floor, "proxy": best["proxy"], "weight": weight})
     st = checkpoints.load("harden", dev)
     if st is not None:
         model.load_state_dict(st["model"])
@@ -300,6 +290,13 @@ def run_harden(model: nn.Module, data: ProtectionData, cfg: HardenConfig, checkp
         best = {"state": st["best_state"], "opt": st["best_opt"], "step": int(st["best_step"]),
                 "proxy": float(st["best_proxy"])}
         start, weight, history = int(st["step"]), float(st["weight"]), json.loads(st["history"])
+    else:  # the input is the first candidate to ship
+        start, weight = 0, cfg.suppress_weight
+        shipped = _shippable(model, src)
+        best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": 0,
+                "proxy": proxy_attack(shipped, tgt_n, tgt_held, cfg)}
+        history = [{"step": 0, "source": evaluate(shipped, src_held), "input_source": floor + cfg.source_floor,
+                    "proxy": best["proxy"], "weight": weight}]
 
     bar = progress(range(start, cfg.outer_steps), desc="harden", total=cfg.outer_steps - start)
     window: list[tuple[float, float]] = []
