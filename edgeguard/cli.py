@@ -1,6 +1,7 @@
 """The `edgeguard` command line: one click group. Heavy modules load inside the commands that need them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -337,32 +338,70 @@ def methods_cmd(name) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
-@click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Images to synthesise.")
-@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG grid to write.")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for grid.png, histogram.png and fidelity.json: the real-source accuracy of a student "
+                   "distilled on the images alone, the BatchNorm-statistics distance, the class histogram.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=None,
+              help="Images to synthesise (default: MAP's, synth.n; 64 for a grid alone).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="A synthesis setting, e.g. --set recipe=deepinversion --set iterations=500 "
+                   "(the synth.* settings of `edgeguard methods map`).")
+@click.option("--fidelity-steps", type=click.IntRange(min=1), default=None,
+              help="Optimiser steps of the --report's distilled student (default: FidelityConfig's).")
 @click.option("--neighbours", is_flag=True, help="Draw the data-free neighbour domains made from them instead.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@data_root_option
 @device_option
-def synthesize(file, out, n, iterations, neighbours, seed, device) -> None:
-    """Synthesise pseudo-source images from a model's BatchNorm statistics and write them as a PNG grid."""
+@json_option
+def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, seed, data_root, device,
+               as_json) -> None:
+    """Synthesise pseudo-source images from a model (MAP's source-free and data-free stand-in for its source
+    data); draw them, and with --report measure how good a stand-in they are."""
     from .artifact import load_artifact
+    from .config import apply_overrides
     from .methods.synthesis import SynthesisConfig, cached_pseudo_source, image_grid, neighbour_domains
 
+    if out is None and report_dir is None:
+        raise EdgeguardError("give --out GRID.png, --report DIR, or both")
     art = load_artifact(file)
-    cfg = SynthesisConfig(n=n, batch_size=min(n, 256), iterations=iterations, seed=seed)
+    cfg = apply_overrides(SynthesisConfig(init="noise", seed=seed), overrides)
+    if n is not None or report_dir is None:
+        cfg = dataclasses.replace(cfg, n=n or 64)
+    cfg.validate()
     x, y = cached_pseudo_source(art.model, art.card.num_classes, cfg, device)
     classes = art.card.classes
-    if neighbours:  # neighbour_domains makes each perturbation of every image in turn
-        x = neighbour_domains(x, seed)
-        kinds = ("inverted", "channels", "tinted", "low-pass", "high-pass", "thick", "noise")
-        labels = [kinds[i // len(y)] for i in range(len(x))]
-        order = np.arange(len(x))
-    else:
-        order = np.argsort(y, kind="stable")
-        labels = [classes[int(v)] for v in y[order]]
-        x = x[order]
-    image_grid(x, out, labels=labels)
-    click.echo(f"{len(x)} images → {out} (labelled: {'perturbation' if neighbours else 'the class each was made for'})")
+    result = {"images": int(len(x)), "synthesis": dataclasses.asdict(cfg)}
+    if report_dir is not None:
+        from .domains import get_domain
+        from .evaluation.fidelity import FidelityConfig, fidelity_report, write_synthesis_report
+        from .training import TensorData
+
+        dom = get_domain(art.card.source_domain, data_root)
+        test = TensorData.from_numpy(dom.test_x, dom.test_y)
+        fcfg = FidelityConfig() if fidelity_steps is None else FidelityConfig(steps=fidelity_steps)
+        rep = fidelity_report(art.model, x, test, fcfg, device=device)
+        write_synthesis_report(report_dir, x, y, list(classes), rep, dataclasses.asdict(cfg))
+        result.update(rep.to_dict(), report=str(report_dir))
+        _say(as_json, f"{len(x)} images: fidelity {rep.fidelity * 100:.1f}% (a student distilled on them scores "
+                      f"{rep.student_source_accuracy * 100:.2f}% on {art.card.source_domain}, the model "
+                      f"{rep.teacher_source_accuracy * 100:.2f}%), BN distance {rep.bn_distance:.3f} → "
+                      f"{report_dir}/")
+    if out is not None:
+        if neighbours:  # neighbour_domains makes each perturbation of every image in turn
+            gx = neighbour_domains(x, seed)
+            kinds = ("inverted", "channels", "tinted", "low-pass", "high-pass", "thick", "noise")
+            labels = [kinds[i // len(y)] for i in range(len(gx))]
+        else:
+            order = np.argsort(y, kind="stable")
+            labels = [classes[int(v)] for v in y[order]]
+            gx = x[order]
+        image_grid(gx, out, labels=labels)
+        result["grid"] = str(out)
+        _say(as_json, f"{len(gx)} images → {out} (labelled: "
+                      f"{'perturbation' if neighbours else 'the class each was made for'})")
+    if as_json:
+        _emit_json(result)
 
 
 @main.command("build")

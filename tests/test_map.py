@@ -6,7 +6,7 @@ import torch
 from edgeguard.artifact import load_artifact
 from edgeguard.masks import is_n_m
 from edgeguard.methods.map import MapConfig
-from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize_bn_inversion
+from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize
 from edgeguard.protect import protect
 
 
@@ -61,7 +61,7 @@ def test_synthesis_moves_bn_statistics_toward_stored(mnist_model):
     noise = torch.randn(64, 3, 32, 32) * 0.5
     start = bn_distance(model, noise)
     hist = []
-    x, y = synthesize_bn_inversion(model, 10, SynthesisConfig(n=64, batch_size=64, iterations=60), "cpu", hist)
+    x, y = synthesize(model, 10, SynthesisConfig(recipe="deepinversion", n=64, batch_size=64, iterations=60), "cpu", hist)
     assert x.dtype == np.uint8 and x.shape == (64, 3, 32, 32)
     from edgeguard.training import normalize
 
@@ -79,7 +79,7 @@ def test_synthesis_from_target_images_keeps_labels_and_moves_statistics(mnist_mo
     with torch.no_grad():
         own = model(normalize(torch.from_numpy(usps))).argmax(1).numpy()
     start = bn_distance(model, normalize(torch.from_numpy(usps)))
-    x, y = synthesize_bn_inversion(model, 10, SynthesisConfig(n=64, batch_size=64, iterations=60), "cpu",
+    x, y = synthesize(model, 10, SynthesisConfig(recipe="deepinversion", n=64, batch_size=64, iterations=60), "cpu",
                                    init_images=usps)
     assert np.array_equal(y, own)  # the frozen model's own answers on the target images
     assert bn_distance(model, normalize(torch.from_numpy(x))) < 0.7 * start  # restyled towards the source
@@ -90,7 +90,7 @@ def test_model_without_bn_is_refused(tmp_path):
 
     lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     with pytest.raises(EdgeguardError, match="no BatchNorm"):
-        synthesize_bn_inversion(lin, 10, SynthesisConfig(n=4, batch_size=4, iterations=1), "cpu")
+        synthesize(lin, 10, SynthesisConfig(recipe="deepinversion", n=4, batch_size=4, iterations=1), "cpu")
 
 
 def test_repair_restart_reproduces_the_chosen_mask_and_holds_target_answers():

@@ -1,18 +1,21 @@
 """Pseudo-data from a frozen model, for MAP's source-free and data-free settings.
 
-- `synthesize_bn_inversion`: DeepInversion-style images: optimise a batch so that every BatchNorm layer's
-  batch mean and variance match its running statistics, plus CE to sampled labels, a total-variation
-  smoothness prior and a small L2 prior. Models without BatchNorm get a clear error (no fallback: the
-  statistics are the only trace of the source data such a model keeps).
+- `synthesize`: the pseudo-source, by one of two recipes: `synthesize_deepinversion` (optimise each batch's
+  pixels so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled labels,
+  image priors, per-step jitter and a half-resolution start) or `synthesize_generator` (train a generator
+  against the frozen model, then sample it); then an optional class-balanced confidence filter. Models
+  without BatchNorm get a clear error (the statistics are the only trace of the source data they keep).
 - `neighbour_domains`: "neighbour domains" made from pseudo-source images by strong style, colour and
   frequency perturbations (the data-free stand-in for an unknown target).
 Synthesised sets are cached on disk keyed by the model's weights and the recipe, and are stored as uint8
-like every other domain here. This is our design (shared/methods/map.md §7.5): MAP's recipe is not known.
+like every other domain here. This is our design (shared/methods/map.md §7.5): MAP's recipe is not known;
+the measurements that chose the defaults: benchmarks/RESULTS.md, "Pseudo-source fidelity".
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,26 +34,47 @@ from ..errors import EdgeguardError
 from ..progress import progress
 from ..training import normalize
 
+RECIPES = ("deepinversion", "generator")
+
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """BatchNorm-inversion recipe for the pseudo-source (MAP source-free and data-free)."""
+    """How the pseudo-source is made from the frozen model (MAP source-free and data-free)."""
 
-    n: int = param(1024, "pseudo-source images to synthesise")
-    batch_size: int = param(256, "images optimised together")
-    iterations: int = param(200, "Adam steps per batch")
-    lr: float = param(0.1, "Adam learning rate on the pixels")
+    recipe: str = param("deepinversion", "deepinversion: optimise the pixels of each batch; generator: train a "
+                        "generator against the frozen model, then sample it", choices=RECIPES)
+    n: int = param(1024, "pseudo-source images to keep")
+    batch_size: int = param(256, "images optimised (or generated) together")
+    iterations: int = param(200, "Adam steps per batch (deepinversion) or generator steps (generator)")
+    lr: float = param(0.1, "Adam learning rate on the pixels (deepinversion) or the generator (generator)")
     bn_weight: float = param(1.0, "weight of the BatchNorm-statistics match")
+    first_bn_weight: float = param(10.0, "extra factor on the first BatchNorm layer's match (the colour and "
+                                   "stroke statistics)")
     ce_weight: float = param(1.0, "weight of the CE towards the sampled (or the model's own) labels")
-    tv_weight: float = param(1e-3, "total-variation smoothness prior")
+    tv_weight: float = param(5e-3, "total-variation smoothness prior")
     l2_weight: float = param(1e-4, "L2 prior on the pixels")
+    jitter: int = param(2, "random translation (pixels, wrap-around) of the images at every step")
+    flip: bool = param(False, "random horizontal flips at every step (for mirror-symmetric classes only)")
+    lowres: float = param(0.5, "share of the iterations optimised at half resolution first (multi-resolution)")
+    adv_weight: float = param(0.0, "generator: weight of the disagreement with a student trained alongside")
+    balance_weight: float = param(0.0, "generator: weight of the class-balance entropy of each batch")
+    oversample: float = param(1.0, "make this many times n and keep the most confident n/K per class")
     seed: int = param(0, "seed of the noise start and the sampled labels")
     init: str = param("auto", "start from noise, from the defender's target images, or auto (target where "
                         "there are some)", choices=("auto", "noise", "target"))
 
     def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise EdgeguardError(f"synth.recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if min(self.n, self.batch_size, self.iterations) < 1 or not self.lr > 0:
             raise EdgeguardError("synth.n, synth.batch_size, synth.iterations and synth.lr must be positive")
+        if min(self.bn_weight, self.first_bn_weight, self.ce_weight, self.tv_weight, self.l2_weight,
+               self.adv_weight, self.balance_weight, self.jitter) < 0:
+            raise EdgeguardError("synth weights and synth.jitter must be ≥ 0")
+        if not 0 <= self.lowres < 1:
+            raise EdgeguardError(f"synth.lowres is a share of the iterations in [0, 1), got {self.lowres}")
+        if not self.oversample >= 1:
+            raise EdgeguardError(f"synth.oversample must be ≥ 1, got {self.oversample}")
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -58,17 +82,20 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
 
 
 class _BNStatHook:
-    """Collects, per BN layer, the distance of the current batch's statistics from the running ones."""
+    """Collects, per BN layer, the distance of the current batch's statistics from the running ones
+    (the first layer's weighted by `first_weight`)."""
 
-    def __init__(self, layers: list[nn.BatchNorm2d]):
+    def __init__(self, layers: list[nn.BatchNorm2d], first_weight: float = 1.0):
         self.losses: list[torch.Tensor] = []
+        self.weights = {id(m): (first_weight if i == 0 else 1.0) for i, m in enumerate(layers)}
         self.handles = [m.register_forward_hook(self._hook) for m in layers]
 
     def _hook(self, module: nn.BatchNorm2d, inputs, output) -> None:
         x = inputs[0].float()
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
-        self.losses.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+        d = torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2)
+        self.losses.append(self.weights[id(module)] * d)
 
     def pop(self) -> torch.Tensor:
         total = torch.stack(self.losses).sum() if self.losses else torch.zeros(())
@@ -105,54 +132,93 @@ def _to_uint8(x_norm: torch.Tensor) -> torch.Tensor:
     return ((x_norm * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def synthesize_bn_inversion(model: nn.Module, num_classes: int, cfg: SynthesisConfig = SynthesisConfig(),
-                            device: str = "auto", history: list | None = None,
-                            init_images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-source images (uint8 N×3×32×32) and the labels they were optimised towards.
-
-    With `init_images` (uint8, e.g. the defender's target images) the optimisation starts from them and the
-    labels are the frozen model's own answers on them: the result keeps their content but takes on the source
-    domain's feature statistics ("target restyled as source"), which is far closer to real source images
-    than inversion from noise.
-    """
-    layers = bn_layers(model)
-    if not layers:
-        raise EdgeguardError("source-free and data-free MAP synthesise pseudo-source images from BatchNorm "
-                             "statistics, and this model has no BatchNorm layer; use --setting source-available")
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    xs, ys = [], []
-    hook = _BNStatHook(layers)
+def _pixel_range(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     lo = ((0 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1).to(dev)
     hi = ((1 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1).to(dev)
+    return lo, hi
+
+
+def _perturb(x: torch.Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> torch.Tensor:
+    """The per-step jitter (a wrap-around roll) and flip of DeepInversion."""
+    if cfg.jitter:
+        dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
+        x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+    if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
+        x = torch.flip(x, dims=(3,))
+    return x
+
+
+def _frozen(model: nn.Module, layers_needed: bool = True) -> list[nn.BatchNorm2d]:
+    layers = bn_layers(model)
+    if layers_needed and not layers:
+        raise EdgeguardError("source-free and data-free MAP synthesise pseudo-source images from BatchNorm "
+                             "statistics, and this model has no BatchNorm layer; use --setting source-available")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return layers
+
+
+def _balanced_labels(size: int, offset: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    y = (torch.arange(size) + offset) % num_classes
+    return y[torch.randperm(size, generator=gen)]
+
+
+def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
+                             history: list | None = None, init_images: np.ndarray | None = None,
+                             count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DeepInversion: optimise each batch's pixels so that every BatchNorm layer's batch statistics match its
+    running ones, with CE to balanced sampled labels, TV and L2 priors, per-step jitter/flip, an optional
+    half-resolution start, Adam with a cosine learning rate.
+
+    With `init_images` (uint8, e.g. the defender's target images) the optimisation starts from them and the
+    labels are the frozen model's own answers: the result keeps their content and takes on the source
+    domain's feature statistics ("target restyled as source").
+    """
+    layers = _frozen(model)
+    dev = resolve_device(device)
+    model = model.to(dev)
+    count = count or cfg.n
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    xs, ys = [], []
+    hook = _BNStatHook(layers, cfg.first_bn_weight)
+    lo, hi = _pixel_range(dev)
+    low_iters = int(round(cfg.lowres * cfg.iterations))
     try:
-        n_batches = -(-cfg.n // cfg.batch_size)
+        n_batches = -(-count // cfg.batch_size)
         bar = progress(range(n_batches * cfg.iterations), desc="synthesise", total=n_batches * cfg.iterations)
         it = iter(bar)
         for b in range(n_batches):
-            size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
+            size = min(cfg.batch_size, count - b * cfg.batch_size)
             if init_images is not None:
                 chunk = torch.from_numpy(init_images[b * cfg.batch_size : b * cfg.batch_size + size]).to(dev)
                 x0 = normalize(chunk)
                 with torch.no_grad():
                     y = model(x0).argmax(1)
-                x = x0.clone().requires_grad_(True)
+                res = 32
             else:
-                y = (torch.arange(size) + b * cfg.batch_size) % num_classes  # balanced labels
-                y = y[torch.randperm(size, generator=gen)].to(dev)
-                x = (torch.randn(size, 3, 32, 32, generator=gen) * 0.5).to(dev).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
+                y = _balanced_labels(size, b * cfg.batch_size, num_classes, gen).to(dev)
+                res = 16 if low_iters else 32
+                x0 = (torch.randn(size, 3, res, res, generator=gen) * 0.5).to(dev)
+            x = x0.clone().requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
             for i in range(cfg.iterations):
                 next(it, None)
+                if res == 16 and i == low_iters:  # multi-resolution: continue at full resolution
+                    with torch.no_grad():
+                        x = F.interpolate(x.detach(), size=32, mode="bilinear", align_corners=False)
+                    x.requires_grad_(True)
+                    state = opt.state_dict()["param_groups"][0]
+                    opt = torch.optim.Adam([x], lr=state["lr"], betas=(0.5, 0.9))
+                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - i)
+                    res = 32
+                full = x if res == 32 else F.interpolate(x, size=32, mode="bilinear", align_corners=False)
                 hook.pop()
-                logits = model(x)
+                logits = model(_perturb(full, cfg, gen))
                 bn = hook.pop()
                 loss = (cfg.ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
-                        + cfg.tv_weight * _tv(x) + cfg.l2_weight * x.pow(2).mean())
+                        + cfg.tv_weight * _tv(full) + cfg.l2_weight * full.pow(2).mean())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -169,6 +235,137 @@ def synthesize_bn_inversion(model: nn.Module, num_classes: int, cfg: SynthesisCo
     return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(np.int64)
 
 
+class Generator(nn.Module):
+    """Class-conditional DCGAN-style generator for 3×32×32 images in the models' normalised range."""
+
+    def __init__(self, num_classes: int, z_dim: int = 64, width: int = 16):
+        super().__init__()
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.embed = nn.Embedding(num_classes, z_dim)
+        self.fc = nn.Sequential(nn.Linear(z_dim, 2 * width * 8 * 8), nn.BatchNorm1d(2 * width * 8 * 8))
+        self.body = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
+        self.width = width
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z * self.embed(y)).view(len(z), 2 * self.width, 8, 8)
+        return self.body(h) / STD[0]  # tanh ∈ [-1, 1] → the normalised pixel range
+
+
+def synthesize_generator(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
+                         history: list | None = None, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A generator trained against the frozen model (DAFL / Fast-DFKD family: BN-statistics match, class-
+    conditional CE, a batch class-balance entropy, and disagreement with a student distilled alongside), then
+    sampled for `count` images with balanced labels."""
+    import copy
+
+    layers = _frozen(model)
+    dev = resolve_device(device)
+    model = model.to(dev)
+    count = count or cfg.n
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    g = Generator(num_classes).to(dev)
+    g_opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, cfg.iterations)
+    student = copy.deepcopy(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():  # a fresh student of the same architecture, re-initialised
+        for m in student.modules():
+            if hasattr(m, "reset_parameters") and m is not student:
+                m.reset_parameters()
+    s_opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    hook = _BNStatHook(layers, cfg.first_bn_weight)
+    T = 4.0
+    try:
+        for i in progress(range(cfg.iterations), desc="train generator", total=cfg.iterations):
+            z = torch.randn(cfg.batch_size, g.z_dim, generator=gen).to(dev)
+            y = _balanced_labels(cfg.batch_size, i, num_classes, gen).to(dev)
+            g.train()
+            x = g(z, y)
+            hook.pop()
+            logits = model(_perturb(x, cfg, gen))
+            bn = hook.pop()
+            loss = cfg.ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
+            if cfg.balance_weight:
+                p_mean = F.softmax(logits, 1).mean(0)
+                loss = loss + cfg.balance_weight * (p_mean * torch.log(p_mean + 1e-12)).sum()
+            if cfg.adv_weight:
+                student.eval()
+                s_logits = student(x)
+                disagree = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(logits / T, 1),
+                                    reduction="batchmean")
+                loss = loss - cfg.adv_weight * torch.clamp(disagree, max=5.0)
+            g_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            g_opt.step()
+            g_sched.step()
+            if cfg.adv_weight:  # the student catches up on the same images
+                student.train()
+                with torch.no_grad():
+                    xd = x.detach()
+                    t = model(xd)
+                hook.pop()
+                s_loss = F.kl_div(F.log_softmax(student(xd) / T, 1), F.softmax(t / T, 1),
+                                  reduction="batchmean")
+                hook.pop()
+                s_opt.zero_grad(set_to_none=True)
+                s_loss.backward()
+                s_opt.step()
+            if history is not None and (i % 20 == 0 or i == cfg.iterations - 1):
+                history.append({"iteration": i, "bn_distance": float(bn.detach()), "loss": float(loss.detach())})
+    finally:
+        hook.close()
+    g.eval()
+    xs, ys = [], []
+    with torch.no_grad():
+        for start in range(0, count, cfg.batch_size):
+            size = min(cfg.batch_size, count - start)
+            y = _balanced_labels(size, start, num_classes, gen).to(dev)
+            xs.append(_to_uint8(g(torch.randn(size, g.z_dim, generator=gen).to(dev), y)).cpu())
+            ys.append(y.cpu())
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(np.int64)
+
+
+def keep_confident(model: nn.Module, x: np.ndarray, y: np.ndarray, n: int, num_classes: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced confidence filter: per class, the n/K images the frozen model is surest are that class."""
+    from ..training import predict_logits
+
+    dev = next(model.parameters()).device
+    probs = F.softmax(predict_logits(model, torch.from_numpy(x), device=dev), 1).cpu().numpy()
+    conf = probs[np.arange(len(y)), y]
+    keep = []
+    per_class = -(-n // num_classes)
+    for k in range(num_classes):
+        idx = np.flatnonzero(y == k)
+        keep.extend(idx[np.argsort(-conf[idx], kind="stable")[:per_class]].tolist())
+    keep = np.array(sorted(keep)[:n] if len(keep) > n else sorted(keep), dtype=np.int64)
+    return x[keep], y[keep]
+
+
+def synthesize(model: nn.Module, num_classes: int, cfg: SynthesisConfig = SynthesisConfig(),
+               device: str = "auto", history: list | None = None, init_images: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-source images (uint8 N×3×32×32) and the labels they were made for, by `cfg.recipe`."""
+    cfg.validate()
+    count = int(math.ceil(cfg.n * cfg.oversample)) if init_images is None else cfg.n
+    if cfg.recipe == "generator":
+        if init_images is not None:
+            raise EdgeguardError("synth.recipe=generator starts from noise; use synth.init=noise")
+        x, y = synthesize_generator(model, num_classes, cfg, device, history, count)
+    else:
+        x, y = synthesize_deepinversion(model, num_classes, cfg, device, history, init_images, count)
+    if len(x) > cfg.n:
+        x, y = keep_confident(model, x, y, cfg.n, num_classes)
+    return x, y
+
+
 def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -177,26 +374,32 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
+def cache_path(model: nn.Module, cfg: SynthesisConfig, init_images: np.ndarray | None = None,
+               cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the pseudo-source of (model weights, recipe, init images) is kept."""
+    root = Path(cache_dir or Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "synth")
+    init_key = hashlib.sha256(init_images.tobytes()).hexdigest()[:20] if init_images is not None else None
+    key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg), "init_images": init_key},
+                                    sort_keys=True).encode())
+    return root / f"{key.hexdigest()[:24]}.npz"
+
+
 def cached_pseudo_source(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
                          cache_dir: str | os.PathLike | None = None, init_images: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """BN-inversion pseudo-source, computed once per (model weights, recipe, init images) and kept on disk."""
-    root = Path(cache_dir or Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "synth")
+    """The pseudo-source, computed once per (model weights, recipe, init images) and kept on disk."""
     if init_images is not None:
         init_images = np.ascontiguousarray(init_images[: cfg.n])
         if len(init_images) < cfg.n:
             cfg = replace(cfg, n=len(init_images))
-    init_key = hashlib.sha256(init_images.tobytes()).hexdigest()[:20] if init_images is not None else None
-    key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg), "init_images": init_key},
-                                    sort_keys=True).encode())
-    path = root / f"{key.hexdigest()[:24]}.npz"
+    path = cache_path(model, cfg, init_images, cache_dir)
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
                 return z["x"], z["y"]
         except Exception:
             path.unlink(missing_ok=True)
-    x, y = synthesize_bn_inversion(model, num_classes, cfg, device, init_images=init_images)
+    x, y = synthesize(model, num_classes, cfg, device, init_images=init_images)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=x, y=y)

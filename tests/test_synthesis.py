@@ -1,0 +1,83 @@
+"""The pseudo-source (issue 20): the recipe MAP uses beats the earlier one on the data-free distillation
+check, at the same budget; the fidelity report and `edgeguard synthesize --report` on a real model."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from edgeguard.artifact import load_artifact
+from edgeguard.domains import get_domain
+from edgeguard.errors import EdgeguardError
+from edgeguard.evaluation.fidelity import FidelityConfig, distilled_accuracy, fidelity_report
+from edgeguard.methods.synthesis import SynthesisConfig, keep_confident, synthesize
+from edgeguard.training import TensorData
+
+BUDGET = dict(n=256, batch_size=128, iterations=120, seed=0, init="noise")
+EARLIER = dict(jitter=0, first_bn_weight=1.0, tv_weight=1e-3, lowres=0.0)  # the recipe before issue 20
+CHECK = FidelityConfig(steps=300)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_test(mnist_model, data_root):
+    art = load_artifact(mnist_model)
+    mnist = get_domain("mnist")
+    return art.model, TensorData.from_numpy(mnist.test_x[:2000], mnist.test_y[:2000])
+
+
+def test_new_recipe_distils_a_better_student_than_the_earlier_one(teacher_and_test):
+    teacher, test = teacher_and_test
+    new_cfg = SynthesisConfig(**BUDGET)
+    old_cfg = replace(new_cfg, **EARLIER)
+    x_new, y_new = synthesize(teacher, 10, new_cfg, "cpu")
+    x_old, _ = synthesize(teacher, 10, old_cfg, "cpu")
+    assert x_new.shape == (256, 3, 32, 32) and x_new.dtype == np.uint8
+    assert np.bincount(y_new, minlength=10).min() >= 25  # balanced labels
+    new = distilled_accuracy(teacher, x_new, test, CHECK, "cpu")
+    old = distilled_accuracy(teacher, x_old, test, CHECK, "cpu")
+    # measured at this budget: MARGIN_NOTE
+    assert new > old + 0.15, (new, old)
+
+
+def test_fidelity_report_on_real_source_images_is_near_one(teacher_and_test):
+    """Real MNIST training images are the best possible pseudo-source: the check must say so."""
+    teacher, test = teacher_and_test
+    real = get_domain("mnist").train_x[:512]
+    rep = fidelity_report(teacher, real, test, CHECK, "cpu")
+    assert rep.fidelity > 0.9 and rep.images == 512
+    assert sum(rep.class_histogram) == 512 and min(rep.class_histogram) > 20
+    assert rep.bn_distance < 1.0 and 0.5 < rep.teacher_confidence <= 1.0
+
+
+def test_confidence_filter_keeps_the_surest_per_class(teacher_and_test):
+    teacher, _ = teacher_and_test
+    x = get_domain("usps").train_x[:300]
+    y = np.arange(300) % 10  # labels the images mostly do not have
+    kx, ky = keep_confident(teacher, x, y, 100, 10)
+    assert len(kx) == 100 and np.bincount(ky, minlength=10).tolist() == [10] * 10
+
+
+def test_bad_synthesis_settings_are_refused():
+    for bad in (dict(recipe="gan"), dict(lowres=1.0), dict(oversample=0.5), dict(jitter=-1)):
+        with pytest.raises(EdgeguardError, match="synth"):
+            SynthesisConfig(**bad).validate()
+
+
+def test_cli_synthesize_report(mnist_model, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeguard.cli import main
+
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(main, ["synthesize", str(mnist_model), "--report", str(out), "-n", "64",
+                                  "--set", "iterations=20", "--set", "batch_size=64", "--fidelity-steps", "50", "--json",
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["images"] == 64 and 0 <= got["fidelity"] <= 1.05
+    for name in ("grid.png", "histogram.png", "fidelity.json"):
+        assert (out / name).stat().st_size > 100
+    r = CliRunner().invoke(main, ["synthesize", str(mnist_model)])
+    assert r.exit_code != 0 and "--out" in r.output
