@@ -37,8 +37,8 @@ def test_new_recipe_distils_a_better_student_than_the_earlier_one(teacher_and_te
     assert np.bincount(y_new, minlength=10).min() >= 25  # balanced labels
     new = distilled_accuracy(teacher, x_new, test, CHECK, "cpu")
     old = distilled_accuracy(teacher, x_old, test, CHECK, "cpu")
-    # measured at this budget: MARGIN_NOTE
-    assert new > old + 0.15, (new, old)
+    # measured at this budget (small_cnn): 26.1 % vs 9.9 % on real MNIST
+    assert new > old + 0.08, (new, old)
 
 
 def test_fidelity_report_on_real_source_images_is_near_one(teacher_and_test):

@@ -17,8 +17,10 @@ What is OUR design (the paper's recipe was not available to us):
   target agreement) and the best one is kept: the hard mask flips often, the last one is not the best;
 - a repair phase (`repair_objective`): the scores restart from the chosen mask and train on the source terms
   plus a KL that holds the chosen mask's target answers, so weights the source needs may grow back;
-- pseudo-source for source-free / data-free: BatchNorm-statistics inversion (methods/synthesis.py), started
-  from the defender's target images in source-free; data-free targets are "neighbour domains" made from it.
+- pseudo-source for source-free / data-free: DeepInversion (methods/synthesis.py), started from the defender's
+  target images in source-free (their content restyled to the source's statistics) and from noise in
+  data-free, whose targets are "neighbour domains" made from it; without real source images the mask's
+  pruned share is capped (`source_free_cap`, `data_free_cap`): it is what keeps the real source.
 Every choice and its measurement: benchmarks/RESULTS.md (MAP sections).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -61,6 +63,9 @@ class MapConfig:
     setting: str = param("source-available", "which data the defender has", choices=SETTINGS)
     layers: str = param("all", "which layers are masked", choices=("all", "encoder", "head"))
     sparsity_cap: float | None = param(None, "at most this fraction of the masked weights is pruned (None: no cap)")
+    source_free_cap: float = param(0.05, "the sparsity cap in source-free when sparsity_cap is None: with "
+                                     "pseudo-source images only, the mask must prune less (1: no cap)")
+    data_free_cap: float = param(0.03, "the same in data-free (its target is only the neighbour domains)")
     budget: str = param("global", "apply the cap over all layers together or per layer",
                           choices=("global", "layer"))
     structure: str | None = param(None, "None, or 2:4 (keep 2 of every 4 consecutive input weights)")
@@ -94,6 +99,9 @@ class MapConfig:
             raise EdgeguardError(f"--setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
         if self.sparsity_cap is not None and not 0 < self.sparsity_cap < 1:
             raise EdgeguardError(f"sparsity_cap must be in (0, 1), got {self.sparsity_cap}")
+        for name, cap in (("source_free_cap", self.source_free_cap), ("data_free_cap", self.data_free_cap)):
+            if not 0 < cap <= 1:
+                raise EdgeguardError(f"{name} must be in (0, 1] (1: no cap), got {cap}")
         if self.structure not in (None, "2:4"):
             raise EdgeguardError(f"structure supports only 2:4 (or None), got {self.structure!r}")
         if min(self.tgt_away, self.src_kl, self.src_ce, self.src_feat, self.repair_target, self.repair_epochs,
@@ -333,27 +341,43 @@ def _cap(d: TensorData, n: int | None, seed: int) -> TensorData:
     return d.take(np.random.default_rng(seed).permutation(len(d))[:n])
 
 
+def pseudo_source(model: nn.Module, data: ProtectionData, cfg: MapConfig) -> tuple[TensorData, dict]:
+    """The source-free / data-free stand-in for the source: synthesised from noise, from the defender's target
+    images (their content restyled to the source's feature statistics), or both sets together."""
+    init = cfg.synth.init
+    if init == "auto":
+        init = "target" if (cfg.setting == "source-free" and data.target is not None
+                            and cfg.synth.recipe != "generator") else "noise"
+    if init in ("target", "both") and data.target is None:
+        raise EdgeguardError(f"synth.init={init} needs target images; data-free has none (use noise)")
+    parts = []
+    if init in ("noise", "both"):
+        parts.append(cached_pseudo_source(model, data.num_classes, replace(cfg.synth, init="noise"),
+                                          str(data.device)))
+    if init in ("target", "both"):
+        order = np.random.default_rng(cfg.seed).permutation(len(data.target))
+        start = data.target.x.cpu().numpy()[order[: cfg.synth.n]]
+        parts.append(cached_pseudo_source(model, data.num_classes, replace(cfg.synth, init="target"),
+                                          str(data.device), init_images=start))
+    xs, ys = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return TensorData.from_numpy(xs, ys), {"pseudo_source": int(len(ys)), "synth_init": init}
+
+
 def run_map(model: nn.Module, data: ProtectionData, cfg: MapConfig, checkpoints: Checkpoints) -> MethodResult:
     """MAP in cfg.setting: build the source (real or pseudo) and target (real or neighbour) sets, learn the mask."""
     notes: dict = {}
     if cfg.setting == "source-available":
         source = _cap(data.source, cfg.max_source, cfg.seed)
     else:
-        init = None
-        if cfg.synth.init == "target" or (cfg.synth.init == "auto" and data.target is not None
-                                          and cfg.setting == "source-free" and cfg.synth.recipe != "generator"):
-            if data.target is None:
-                raise EdgeguardError("synth.init=target needs target images; data-free has none (use noise)")
-            order = np.random.default_rng(cfg.seed).permutation(len(data.target))
-            init = data.target.x.cpu().numpy()[order[: cfg.synth.n]]
-        xs, ys = cached_pseudo_source(model, data.num_classes, cfg.synth, str(data.device), init_images=init)
-        source = TensorData.from_numpy(xs, ys)
-        notes = {"pseudo_source": int(len(ys)), "synth_init": "target" if init is not None else "noise"}
+        source, notes = pseudo_source(model, data, cfg)
     if cfg.setting == "data-free":
         neighbours = neighbour_domains(source.x.cpu().numpy(), cfg.seed)
         target = TensorData.from_numpy(neighbours, np.zeros(len(source) * NEIGHBOUR_COPIES, np.int64))
     else:
         target = _cap(data.target, cfg.max_target, cfg.seed)
+    cap = {"source-free": cfg.source_free_cap, "data-free": cfg.data_free_cap}.get(cfg.setting, 1.0)
+    if cfg.sparsity_cap is None and cap < 1:
+        cfg = replace(cfg, sparsity_cap=cap)
     mask, history = learn_mask(model, source, target, cfg, cfg.setting == "source-available", data.device,
                                checkpoints)
     protected = copy.deepcopy(model)

@@ -60,8 +60,8 @@ class SynthesisConfig:
     balance_weight: float = param(0.0, "generator: weight of the class-balance entropy of each batch")
     oversample: float = param(1.0, "make this many times n and keep the most confident n/K per class")
     seed: int = param(0, "seed of the noise start and the sampled labels")
-    init: str = param("auto", "start from noise, from the defender's target images, or auto (target where "
-                        "there are some)", choices=("auto", "noise", "target"))
+    init: str = param("auto", "start from noise, from the defender's target images, both (the two sets "
+                        "together), or auto (target where there are some)", choices=("auto", "noise", "target", "both"))
 
     def validate(self) -> None:
         if self.recipe not in RECIPES:
