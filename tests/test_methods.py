@@ -146,7 +146,12 @@ def test_method_contract(method, sample_source, tmp_path, monkeypatch):
         assert writes, f"{method} wrote no checkpoint: nothing to resume from"
 
 
-@pytest.mark.parametrize("name", list(FINGERPRINTS))
+# Issue 20 changed the pseudo-source (and caps the masks) on purpose: the source-free and data-free cases no
+# longer match the pre-seam fingerprints; tests/test_synthesis.py and tests/test_map.py cover the new behaviour.
+CHANGED_SINCE = {"map_sf", "map_df"}
+
+
+@pytest.mark.parametrize("name", [n for n in FINGERPRINTS if n not in CHANGED_SINCE])
 def test_behaviour_unchanged_since_before_the_seam(name, sample_source, tmp_path):
     """The same masks, weights and accuracies, bit for bit, as protect_map / protect_ntp gave before."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512" or torch.get_num_threads() != 2:
