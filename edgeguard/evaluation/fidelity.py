@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def distilled_accuracy(teacher: nn.Module, images: np.ndarray, source_test: Tens
 def fidelity_report(teacher: nn.Module, images: np.ndarray, source_test: TensorData,
                     cfg: FidelityConfig = FidelityConfig(), device: str | torch.device = "cpu") -> FidelityReport:
     """Distilled-student accuracy, BN-statistics distance, teacher confidence and class histogram of a set."""
-    import time
-
     t0 = time.time()
     teacher = copy.deepcopy(teacher).to(device).eval()
     x = torch.from_numpy(images).to(device)

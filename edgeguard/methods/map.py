@@ -78,8 +78,6 @@ class MapConfig:
     temperature: float = param(2.0, "distillation temperature of the source term")
     src_kl: float = param(1.0, "weight of the KL distillation on source images")
     src_ce: float = param(1.0, "weight of the CE on source labels (source-available only)")
-    src_feat: float = param(0.0, "weight of the match of the encoder's features (normalised MSE to the frozen "
-                              "model's) on source images: more of the source model kept per (pseudo-)source image")
     tgt_away: float = param(1.0, "weight of the clipped KL away from the frozen model's target answers")
     clip: float = param(3.0, "per-sample clip of that KL")
     select_source_weight: float = param(10.0, "mask selection score: this·(1 − source agreement) + target "
@@ -104,7 +102,7 @@ class MapConfig:
                 raise EdgeguardError(f"{name} must be in (0, 1] (1: no cap), got {cap}")
         if self.structure not in (None, "2:4"):
             raise EdgeguardError(f"structure supports only 2:4 (or None), got {self.structure!r}")
-        if min(self.tgt_away, self.src_kl, self.src_ce, self.src_feat, self.repair_target, self.repair_epochs,
+        if min(self.tgt_away, self.src_kl, self.src_ce, self.repair_target, self.repair_epochs,
                self.experimental.tgt_shift) < 0:
             raise EdgeguardError("loss coefficients must be ≥ 0 (the signs are built into the losses)")
         if self.epochs < 1 or self.batch_size < 1 or self.source_batch_ratio < 1 or not self.lr > 0:
@@ -178,22 +176,6 @@ def masked_forward(model: nn.Module, scores: MaskScores, x: torch.Tensor) -> tor
     return functional_call(model, masked_params(model, dict(zip(scores.names, scores.soft_masks()))), (x,))
 
 
-def masked_features(model: nn.Module, scores: MaskScores, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder features, logits) of the masked model, one pass (a registered Classifier: encoder → head)."""
-    params = masked_params(model, dict(zip(scores.names, scores.soft_masks())))
-
-    def part(name: str) -> dict[str, torch.Tensor]:
-        return {k[len(name) + 1:]: v for k, v in params.items() if k.startswith(name + ".")}
-
-    feat = functional_call(model.encoder, part("encoder"), (x,))
-    return feat, functional_call(model.head, part("head"), (feat,))
-
-
-def feature_match(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE between feature maps, relative to the teacher's mean square (scale-free across layers and models)."""
-    return (student - teacher).pow(2).mean() / (teacher.pow(2).mean() + 1e-8)
-
-
 def source_objective(student_s, teacher_s, y_s, cfg: MapConfig, has_labels: bool):
     """T²·KL(frozen ‖ masked) on source images, + CE where source labels exist."""
     T = cfg.temperature
@@ -238,8 +220,6 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     model = model.to(device).eval().to(memory_format=torch.channels_last)  # NHWC convs: faster, same maths
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.src_feat and not (hasattr(model, "encoder") and hasattr(model, "head")):
-        raise EdgeguardError("src_feat needs a registered architecture (encoder → head); set src_feat=0")
     names = prunable_names(model, cfg.layers)
     scores = MaskScores(model, names, cfg).to(device)
     source, target = source.to(device), target.to(device)
@@ -271,23 +251,12 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         x = torch.cat([xs, xt]).contiguous(memory_format=torch.channels_last)  # BN in eval mode: one pass is exact
         n = len(xs)
         with torch.no_grad():
-            feat_t = model.encoder(x) if cfg.src_feat else None
-            teach = (model.head(feat_t) if cfg.src_feat else model(x)).float()
+            teach = model(x).float()
             held = protected["model"](xt).float() if protected else None
-        if cfg.src_feat:
-            feat_s, stud = masked_features(model, scores, x)
-            stud = stud.float()
-        else:
-            stud = masked_forward(model, scores, x).float()
+        stud = masked_forward(model, scores, x).float()
         if held is None:
-            loss, metrics = map_objective(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
-        else:
-            loss, metrics = repair_objective(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
-        if cfg.src_feat:
-            fm = feature_match(feat_s[:n].float(), feat_t[:n].float())
-            loss = loss + cfg.src_feat * fm
-            metrics["src_feat"] = float(fm.detach())
-        return loss, metrics
+            return map_objective(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
+        return repair_objective(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
 
     def agreement(data: TensorData, reference: torch.Tensor) -> float:
         with torch.no_grad():

@@ -148,9 +148,10 @@ def _perturb(x: torch.Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> tor
     return x
 
 
-def _frozen(model: nn.Module, layers_needed: bool = True) -> list[nn.BatchNorm2d]:
+def _frozen(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The model in eval mode without gradients, and its BN layers (refused without any)."""
     layers = bn_layers(model)
-    if layers_needed and not layers:
+    if not layers:
         raise EdgeguardError("source-free and data-free MAP synthesise pseudo-source images from BatchNorm "
                              "statistics, and this model has no BatchNorm layer; use --setting source-available")
     model.eval()
