@@ -41,7 +41,7 @@ from .targets import get_target
 @dataclass
 class DomainSamples:
     name: str
-    x: np.ndarray  # uint8 N×3×32×32
+    x: np.ndarray  # uint8 N×C×H×W at the model's input size
     y: np.ndarray  # int64
 
 
@@ -59,6 +59,8 @@ class ModelDescription:
     scale: float = 1 / 255.0
     input_shape: tuple[int, int, int] = (3, 32, 32)
     slc_auc: dict | None = None
+    strength: str = ""  # edgeguard.strength level: none | weak | untested | direct-use | resists-fine-tuning
+    strength_reason: str = ""
     authorised_tolerance: float = 0.02  # the device must reach host accuracy − this
     unauthorised_margin: float = 0.05  # and stay under host accuracy + this on unauthorised samples
 
@@ -286,10 +288,11 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
                                            prof.workspace_mb, tmp / "timing.cache")
         engine_info = EngineSpec(file="model.engine", sha256=sha256_file(tmp / "model.engine"),
                                  tensorrt_version=info["tensorrt_version"])
-    (tmp / "README.txt").write_text(_readme(prof.name, precision))
     pipeline_files = write_pipeline_configs(tmp, desc, precision, onnx_path=model_path)
     if runtime_wheel:  # the device can install the runtime from the bundle itself, offline
         write_wheel(tmp / "runtime")
+    (tmp / "README.txt").write_text(_readme(tmp, prof.name, precision, desc.input_shape,
+                                                 signed=sign_key is not None))
 
     files = [FileEntry("build_engine.sh", sha256_file(tmp / "build_engine.sh"), (tmp / "build_engine.sh").stat().st_size),
              FileEntry("README.txt", sha256_file(tmp / "README.txt"), (tmp / "README.txt").stat().st_size)]
@@ -305,6 +308,8 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         producer="edgeguard converters 0.1.0", method=desc.method, classes=list(desc.classes),
         input=InputSpec(shape=list(desc.input_shape), mean=list(desc.mean), std=list(desc.std), scale=desc.scale),
+        measured_input=InputSpec(shape=list(desc.authorised.x.shape[1:]), mean=list(desc.mean), std=list(desc.std),
+                                 scale=desc.scale),
         model=FileEntry("model.onnx", sha256_file(model_path), model_path.stat().st_size),
         mask=MaskSpec(file="mask.bits", sha256=mask_sha, layout=[[n, list(s)] for n, s in layout],
                       initializers=mapping, sparsity=_sparsity(masks)),
@@ -376,34 +381,59 @@ def write_pipeline_configs(tmp: Path, desc: ModelDescription, precision: str, on
 
 
 def protection_record(desc: ModelDescription, sparsity: float) -> Protection:
-    """What the manifest says about the protection (the device prints it before anything else)."""
-    if desc.method in ("none", "") or not desc.masks:
-        return Protection(False, "none", "none: this model is not protected (no protection method was applied)")
-    line = f"{desc.method}: {sparsity * 100:.1f} % of the masked layers' weights pruned"
-    if desc.slc_auc:
-        line += "; SLC-AUC " + ", ".join(f"{k} {v['slc_auc']:+.2f} on {v['target']}" for k, v in desc.slc_auc.items())
+    """What the manifest says about the protection (the device prints it before anything else): the host's
+    verdict (`edgeguard.strength`) first, then the method, its sparsity and any attached SLC-AUC."""
+    if desc.method in ("none", "") or not desc.masks and desc.strength in ("", "none"):
+        return Protection(False, "none", "none: this model is not protected (no protection method was applied)",
+                          strength="none")
+    pruned = f"{sparsity * 100:.1f} % of the masked layers' weights pruned"
+    if desc.strength:  # the reason already quotes the attached report's highest SLC-AUC
+        line = f"{desc.strength}: {desc.strength_reason} | {pruned}"
+    elif desc.slc_auc:
+        line = f"{desc.method}: {pruned}; SLC-AUC " + ", ".join(
+            f"{k} {v['slc_auc']:+.2f} on {v['target']}" for k, v in desc.slc_auc.items())
     else:
+        line = f"{desc.method}: {pruned}"
+    if not desc.slc_auc:
         line += "; no fine-tuning evaluation attached (build --report)"
-    return Protection(True, desc.method, line)
+    protected = desc.strength in ("", "direct-use", "resists-fine-tuning")
+    return Protection(protected, desc.method, line, strength=desc.strength)
 
 
-def _readme(target: str, precision: str) -> str:
-    return f"""edgeguard deployment bundle (target {target}, precision {precision})
+_README_ENTRIES = [  # (file or folder in the bundle, what it is); README.txt lists those the bundle holds
+    ("model.onnx", "the protected classifier, mask baked in (pruned weights are exactly 0)"),
+    ("manifest.json", "what the device checks: hashes, mask layout, input normalisation, accuracy bounds"),
+    ("manifest.sig", "Ed25519 signature of manifest.json (verify with the vendor's public key)"),
+    ("mask.bits", "the packed binary mask: every masked weight must still be 0"),
+    ("validation/", "authorised and unauthorised samples (.npz: x uint8 N×{shape}, y int64)"),
+    ("build_engine.sh", "builds the TensorRT engine on this device (trtexec)"),
+    ("README.txt", "this file"),
+    ("model.engine", "the TensorRT engine built on the host (only valid on the same GPU and TensorRT version)"),
+    ("runtime/", "the edgeguard-runtime wheel (pure Python, no PyTorch). Install it with the ONNX Runtime your\n"
+                 "                 device needs: pip install \"$(ls runtime/*.whl)[cpu]\" on a CPU, [gpu] on a desktop NVIDIA\n"
+                 "                 GPU; on a Jetson install NVIDIA's onnxruntime-gpu wheel for its JetPack first, then the plain\n"
+                 "                 wheel (pip install runtime/*.whl), which never replaces it; add [tensorrt] for cuda-python"),
+    ("labels.txt", "the class names, one per line"),
+    ("deepstream/", "config_infer.txt (Gst-nvinfer: preprocessing, model, engine, labels) and labels.txt"),
+    ("triton/", "a Triton model repository entry (config.pbtxt, labels.txt, 1/model.onnx; for a TensorRT\n"
+                "                 engine put model.plan in 1/ and set platform: \"tensorrt_plan\")"),
+]
 
-model.onnx       the protected classifier, mask baked in (pruned weights are exactly 0)
-manifest.json    what the device checks: hashes, mask layout, input normalisation, accuracy bounds
-manifest.sig     Ed25519 signature of manifest.json (verify with the vendor's public key)
-mask.bits        the packed binary mask: every masked weight must still be 0
-validation/      authorised and unauthorised samples (.npz: x uint8 N×3×32×32, y int64)
-build_engine.sh  builds the TensorRT engine on this device (trtexec)
-runtime/         the edgeguard-runtime wheel (pure Python, no PyTorch). Install it with the ONNX Runtime your
-                 device needs: pip install "$(ls runtime/*.whl)[cpu]" on a CPU, [gpu] on a desktop NVIDIA
-                 GPU; on a Jetson install NVIDIA's onnxruntime-gpu wheel for its JetPack first, then the plain
-                 wheel (pip install runtime/*.whl), which never replaces it; add [tensorrt] for cuda-python
-labels.txt       the class names, one per line
-deepstream/      config_infer.txt (Gst-nvinfer: preprocessing, model, engine, labels) and labels.txt
-triton/          a Triton model repository entry (config.pbtxt, labels.txt, 1/model.onnx; for a TensorRT
-                 engine put model.plan in 1/ and set platform: "tensorrt_plan")
+
+def _readme(tmp: Path, target: str, precision: str, input_shape, signed: bool) -> str:
+    """README.txt: the files this bundle holds (itself, manifest.json and manifest.sig are written after it) and the
+    commands to run on the device. A file the build left out (a DeepStream config nvinfer cannot express,
+    say) is not listed."""
+    after = {"README.txt", "manifest.json", "manifest.sig"} if signed else {"README.txt", "manifest.json"}
+    shape = "×".join(map(str, input_shape))
+    lines = [f"edgeguard deployment bundle (target {target}, precision {precision})", ""]
+    for name, what in _README_ENTRIES:
+        if name in after or (tmp / name.rstrip("/")).exists():
+            lines.append(f"{name:<16} {what.format(shape=shape)}")
+    if not (tmp / "deepstream").exists():
+        lines.append("(no deepstream/: Gst-nvinfer has one scale factor for all channels and this model's std "
+                     "differs per channel)")
+    return "\n".join(lines) + """
 
 On the device:
   sh build_engine.sh                     # only where TensorRT is installed

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import load_artifact
+from .card import HOST_INPUT
 from .domains import get_domain
 from .errors import CheckFailed, EdgeguardError
+from .strength import Strength, direct_use, from_record, with_fine_tuning
 
 
-def _samples(name: str, n: int, data_root: str | None, seed: int = 0):
+def _samples(name: str, n: int, data_root: str | None, classes, role: str, class_map=None, seed: int = 0):
     from converters.bundle import DomainSamples
 
-    d = get_domain(name, data_root)
+    d = get_domain(name, data_root, classes=classes, class_map=class_map, role=role)
     idx = np.sort(np.random.default_rng(seed).permutation(len(d.test_y))[:n])
     return DomainSamples(name, d.test_x[idx], d.test_y[idx])
 
@@ -23,8 +25,9 @@ def _samples(name: str, n: int, data_root: str | None, seed: int = 0):
 def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "onnx",
           sign_key: str | os.PathLike | None = None, precision: str | None = None, samples: int = 300,
           data_root: str | None = None, report: str | os.PathLike | None = None,
-          unauthorised: list[str] | None = None) -> dict:
-    """Export the artifact to a bundle. Validation samples come from the test splits of its domains."""
+          unauthorised: list[str] | None = None, allow_weak: bool = False, class_map=None) -> dict:
+    """Export the artifact to a bundle. Validation samples come from the test splits of its domains.
+    A protection that did not protect (`edgeguard.strength`) is refused unless `allow_weak`."""
     from converters.bundle import BuildError, ModelDescription, build_bundle
     from converters.targets import get_target
 
@@ -34,25 +37,55 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
         raise EdgeguardError(str(e)) from None
     art = load_artifact(model_file)
     card = art.card
+    _check_input_spec(card, model_file)
     masks = art.mask.numpy() if art.mask is not None else {}
     unauth = unauthorised if unauthorised is not None else list(card.target_domains)
-    slc = None
-    if report:
-        rp = Path(report) / "report.json" if Path(report).is_dir() else Path(report)
-        try:
-            r = json.loads(rp.read_text())
-            slc = {e["attack"]: {"slc_auc": e["slc_auc"][0], "target": r["target"]} for e in r["attacks"]}
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise EdgeguardError(f"--report {report}: not an edgeguard evaluation report ({e})") from None
+    slc = _read_report(report) if report else None
+    strength = with_fine_tuning(card_strength(card), {k: v["slc_auc"] for k, v in slc.items()} if slc else None)
+    if not strength.shippable and not allow_weak:
+        raise CheckFailed(f"{model_file}: weak protection ({strength.reason}); no bundle written. Protect it "
+                          "again with other settings, or pass --allow-weak to ship it marked weak")
     desc = ModelDescription(
         classes=card.classes, masks=masks, method=card.method,
-        authorised=_samples(card.source_domain, samples, data_root),
-        unauthorised=[_samples(u, samples, data_root) for u in unauth],
+        authorised=_samples(card.source_domain, samples, data_root, card.classes, "source"),
+        unauthorised=[_samples(u, samples, data_root, card.classes, "unauthorised", class_map) for u in unauth],
         mean=tuple(card.input.mean), std=tuple(card.input.std), scale=card.input.scale,
-        slc_auc=slc)
+        input_shape=tuple(card.input.shape), slc_auc=slc, strength=strength.level, strength_reason=strength.reason)
     try:
         return build_bundle(art.model, desc, out, target=target, sign_key=sign_key, precision=precision)
     except BuildError as e:
         raise CheckFailed(f"build failed, no bundle written: {e}") from None
     except ValueError as e:
         raise EdgeguardError(str(e)) from None
+
+
+def card_strength(card) -> Strength:
+    """The card's recorded verdict, or (files written before it was recorded) one from its accuracies."""
+    recorded = from_record((card.protection or {}).get("strength"))
+    if recorded is not None:
+        return recorded
+    tgt = next((a for a in card.accuracies if a.role == "target"), None)
+    return direct_use(card.method, tgt.domain if tgt else None, tgt.before if tgt else None,
+                      tgt.after if tgt else None, card.num_classes)
+
+
+def _check_input_spec(card, model_file) -> None:
+    """The bundle's accuracies are measured the way this edgeguard feeds every model (HOST_INPUT); a card that
+    says otherwise would ship bounds measured at an input the device will not use."""
+    if card.input != HOST_INPUT:
+        c = card.input
+        raise CheckFailed(f"{model_file}: the card's input ({'×'.join(map(str, c.shape))}, mean {list(c.mean)}, std "
+                          f"{list(c.std)}) is not the one edgeguard measured it with ({'×'.join(map(str, HOST_INPUT.shape))}"
+                          f", mean {list(HOST_INPUT.mean)}, std {list(HOST_INPUT.std)}); no bundle written")
+
+
+def _read_report(report) -> dict:
+    rp = Path(report) / "report.json" if Path(report).is_dir() else Path(report)
+    try:
+        r = json.loads(rp.read_text())
+        slc = {e["attack"]: {"slc_auc": e["slc_auc"][0], "target": r["target"]} for e in r["attacks"]}
+        if isinstance(r.get("suite"), dict) and "robust_slc_auc" in r["suite"]:
+            slc["robust-envelope"] = {"slc_auc": r["suite"]["robust_slc_auc"][0], "target": r["target"]}
+        return slc
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+        raise EdgeguardError(f"--report {report}: not an edgeguard evaluation report ({e})") from None

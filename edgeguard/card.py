@@ -29,6 +29,9 @@ class InputSpec:
     scale: float = 1 / 255.0
 
 
+HOST_INPUT = InputSpec()  # what every loader, the training loop and the measurements here feed a model
+
+
 @dataclass(frozen=True)
 class DomainAccuracy:
     """Test accuracy on one domain: `before` the method ran (None for a freshly trained model) and `after`."""

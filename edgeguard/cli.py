@@ -42,8 +42,25 @@ class _Group(click.Group):
             click.echo(f"{'FAILED' if e.exit_code == 1 else 'error'}: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun with --resume to continue where it stopped", err=True)
+            click.echo(f"interrupted; {_RESUME_HINTS.get(ctx.invoked_subcommand, 'nothing was left half-written')}",
+                       err=True)
             sys.exit(130)
+        except OSError as e:  # a file or folder the checks before the run could not foresee (full disk, say)
+            logging.getLogger(__name__).info("details", exc_info=True)
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e} (check the path, its permissions and free space)", err=True)
+            sys.exit(2)
+
+
+# What an interrupted command's user does next: only options the command has.
+_RESUME_HINTS = {
+    "train": "rerun with --resume to continue from the last finished epoch",
+    "protect": "rerun with --resume to continue from OUT.ckpt/",
+    "harden": "rerun with --resume to continue from OUT.ckpt/",
+    "evaluate": "rerun the same command: the finished runs in the report folder's runs.jsonl are kept and skipped",
+    "build": "the previous bundle (if any) is untouched; rerun the same command",
+    "deploy": "devices keep the bundle they had unless their switch completed; rerun the same command",
+}
 
 
 data_root_option = click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -51,6 +68,13 @@ data_root_option = click.option("--data-root", type=click.Path(file_okay=False),
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object on stdout (the human-readable lines go to stderr).")
+class_map_option = click.option(
+    "--class-map", default=None, metavar="A=X,B=Y|position",
+    help="How the domain's classes pair with the model's when their names differ on purpose: DOMAIN_CLASS="
+         "MODEL_CLASS pairs, or 'position' (default: by name; other names are refused).")
+allow_weak_option = click.option(
+    "--allow-weak", is_flag=True,
+    help="Accept a protection that did not lower the target accuracy toward chance (it is recorded as weak).")
 
 
 def _say(as_json: bool, line: str) -> None:
@@ -84,8 +108,10 @@ def main(verbose: bool) -> None:
 @device_option
 def train(arch, domain, epochs, out, batch_size, lr, seed, resume, data_root, device) -> None:
     """Train a source model from random init on an authorised domain."""
+    from .paths import ensure_writable
     from .source import train_source
 
+    ensure_writable(out, "--out")
     r = train_source(arch, domain, out, epochs=epochs, data_root=data_root, device=device,
                      batch_size=batch_size, lr=lr, seed=seed, resume=resume)
     click.echo(f"{arch} on {domain}: test accuracy {r['test_accuracy'] * 100:.2f}% after {r['epochs']} epochs "
@@ -182,19 +208,22 @@ def domains(data_root) -> None:
 @click.option("--ray-address", default=None, help="Ray cluster to join (auto or HOST:PORT); default: a local Ray.")
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPUs each Ray task reserves on a CPU cluster.")
+@class_map_option
 @data_root_option
 @device_option
 @json_option
 def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, unprotected, optimizer, lr, weight_decay, epochs,
                  batch_size, max_train, max_test, executor, workers, max_stack, precision, ray_address,
-                 cpus_per_task, data_root, device, as_json) -> None:
+                 cpus_per_task, class_map, data_root, device, as_json) -> None:
     """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
     from .evaluation.attack import parse_attack
     from .evaluation.report import verdict
     from .evaluation.runner import EvalConfig, evaluate_model
     from .evaluation.slc_auc import parse_grid
     from .evaluation.suites import get_suite, with_recipes
+    from .paths import ensure_writable
 
+    ensure_writable(report_dir, "--report", folder=True)
     chosen = get_suite(suite).with_trials(trials) if suite else None
     if trials is not None and chosen is None:
         chosen = get_suite("search").with_trials(trials)
@@ -206,7 +235,7 @@ def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, 
                      max_test=max_test, device=device, data_root=data_root, workers=workers, executor=executor,
                      max_stack=max_stack, precision=precision, ray_address=ray_address,
                      cpus_per_task=cpus_per_task, suite=chosen.name if chosen else None,
-                     search_trials=chosen.trials if chosen else 0)
+                     search_trials=chosen.trials if chosen else 0, class_map=class_map)
     if not cfg.attacks and not cfg.search_trials:
         raise click.UsageError("nothing to run: give --attack or a --suite with recipes")
     res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
@@ -263,15 +292,19 @@ def _print_method_config(ctx, param, value) -> None:
 @click.option("--harden-set", "harden_overrides", multiple=True, metavar="KEY=VALUE",
               help="A setting of the hardening (see `edgeguard methods harden`).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written as the method runs).")
+@allow_weak_option
+@class_map_option
 @data_root_option
 @device_option
 @json_option
 def protect(method, source_model, target, out, setting, config_file, overrides, seed, harden, harden_overrides,
-            resume, data_root, device, as_json) -> None:
+            resume, allow_weak, class_map, data_root, device, as_json) -> None:
     """Protect a source model against reuse on an unauthorised domain."""
+    from .paths import ensure_writable
     from .protect import protect as run_protect
     from .protect import protect_hardened, read_config_file
 
+    ensure_writable(out, "--out")
     if method is None:
         if config_file is None:
             raise EdgeguardError("give --method NAME (see `edgeguard methods`) or --config FILE")
@@ -290,14 +323,25 @@ def protect(method, source_model, target, out, setting, config_file, overrides, 
             raise EdgeguardError("--method harden already hardens; drop --harden (or use `edgeguard harden`)")
         first, r = protect_hardened(method, source_model, out, target=target, overrides=[*extra, *overrides],
                                     harden_overrides=harden_overrides, config_file=config_file,
-                                    data_root=data_root, device=device, resume=resume)
+                                    data_root=data_root, device=device, resume=resume, class_map=class_map)
         _say(as_json, first.line())
     else:
         r = run_protect(method, source_model, out, target=target, overrides=[*extra, *overrides],
-                        config_file=config_file, data_root=data_root, device=device, resume=resume)
+                        config_file=config_file, data_root=data_root, device=device, resume=resume,
+                        class_map=class_map)
+    _finish_protect(r, as_json, allow_weak)
+
+
+def _finish_protect(r, as_json: bool, allow_weak: bool) -> None:
+    """Print the summary; a weak protection (written, and marked weak in its card) fails unless allowed."""
     _say(as_json, r.line())
     if as_json:
         _emit_json(r.to_dict())
+    if r.weak and not allow_weak:
+        from .errors import CheckFailed
+
+        raise CheckFailed(f"weak protection: {r.strength['reason']}. {r.out} is written and marked weak (build "
+                          "refuses it without --allow-weak); try other settings, or pass --allow-weak to accept it")
 
 
 @main.command()
@@ -308,19 +352,21 @@ def protect(method, source_model, target, out, setting, config_file, overrides, 
               help="Any setting of the hardening, e.g. --set outer_steps=300 (see `edgeguard methods harden`).")
 @click.option("--seed", type=int, default=None, help="Seed of the hardening (default 0).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (checkpointed every eval_every steps).")
+@allow_weak_option
+@class_map_option
 @data_root_option
 @device_option
 @json_option
-def harden(model, target, out, overrides, seed, resume, data_root, device, as_json) -> None:
+def harden(model, target, out, overrides, seed, resume, allow_weak, class_map, data_root, device, as_json) -> None:
     """Harden a model (a source model, or NTP's / MAP's output) against a distribution of fine-tuning attacks."""
+    from .paths import ensure_writable
     from .protect import protect as run_protect
 
+    ensure_writable(out, "--out")
     extra = [f"seed={seed}"] if seed is not None else []
     r = run_protect("harden", model, out, target=target, overrides=[*extra, *overrides], data_root=data_root,
-                    device=device, resume=resume)
-    _say(as_json, r.line())
-    if as_json:
-        _emit_json(r.to_dict())
+                    device=device, resume=resume, class_map=class_map)
+    _finish_protect(r, as_json, allow_weak)
 
 
 @main.command("methods")
@@ -361,9 +407,14 @@ def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, 
     from .artifact import load_artifact
     from .config import apply_overrides
     from .methods.synthesis import SynthesisConfig, cached_pseudo_source, image_grid, neighbour_domains
+    from .paths import ensure_writable
 
     if out is None and report_dir is None:
         raise EdgeguardError("give --out GRID.png, --report DIR, or both")
+    if out is not None:
+        ensure_writable(out, "--out")
+    if report_dir is not None:
+        ensure_writable(report_dir, "--report", folder=True)
     art = load_artifact(file)
     cfg = apply_overrides(SynthesisConfig(init="noise", seed=seed), overrides)
     if n is not None or report_dir is None:
@@ -416,14 +467,20 @@ def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, 
               help="Validation samples per domain carried in the bundle.")
 @click.option("--unauthorised", multiple=True, help="Unauthorised domains to carry (default: the model's targets).")
 @click.option("--report", type=click.Path(), default=None, help="An evaluation report whose SLC-AUC goes in the manifest.")
+@allow_weak_option
+@class_map_option
 @data_root_option
 @json_option
-def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, data_root, as_json) -> None:
+def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, allow_weak, class_map, data_root,
+              as_json) -> None:
     """Export a protected model to a signed deployment bundle."""
     from .build import build
+    from .paths import ensure_writable
 
+    ensure_writable(out, "--out", folder=True)
     r = build(file, out, target=target, sign_key=sign_key, precision=precision, samples=samples,
-              data_root=data_root, report=report, unauthorised=list(unauthorised) or None)
+              data_root=data_root, report=report, unauthorised=list(unauthorised) or None, allow_weak=allow_weak,
+              class_map=class_map)
     acc = ", ".join(f"{k} {v * 100:.1f}%" for k, v in r["accuracy"].items())
     if as_json:
         click.echo(f"bundle {r['bundle']}", err=True)
@@ -462,6 +519,9 @@ def deploy(bundle, hosts, inventory, public_key, allow_unsigned, rollback, force
     from .deploy import fleet
     from .deploy.inventory import load_inventory, parse_host
     from .deploy.ssh import Device
+    from .paths import ensure_writable
+
+    ensure_writable(report_dir, "--report-dir", folder=True)
 
     base = Device(host="", identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
                   root=remote_root or "~/edgeguard", python=remote_python or "python3")
@@ -494,6 +554,9 @@ def keygen(out) -> None:
     """Write an Ed25519 key pair for signing bundles."""
     from converters.signing import generate_keypair
 
+    from .paths import ensure_writable
+
+    ensure_writable(f"{out}.key", "--out")
     k, p = generate_keypair(out)
     click.echo(f"private key {k} (keep it secret), public key {p} (put it on the devices)")
 
@@ -538,7 +601,9 @@ def models() -> None:
 def demo(out, epochs, method, harden, device) -> None:
     """Run the whole chain on the embedded digit sample (CPU, a few minutes)."""
     from .demo import run_demo
+    from .paths import ensure_writable
 
+    ensure_writable(out, "--out", folder=True)
     r = run_demo(Path(out), epochs=epochs, method=method, device=device, harden=harden, echo=click.echo)
     if r["validate_exit_code"]:
         sys.exit(r["validate_exit_code"])

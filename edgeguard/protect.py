@@ -24,8 +24,10 @@ from .card import DomainAccuracy
 from .config import apply_overrides, from_dict
 from .devices import resolve_device
 from .domains import get_domain
+from .domains.classes import align_classes
 from .errors import EdgeguardError
 from .methods.base import Checkpoints, ProtectionData, config_json, get_method
+from .strength import direct_use
 from .training import TensorData, evaluate
 
 
@@ -39,6 +41,7 @@ class ProtectSummary:
     sparsity: float
     accuracies: list[DomainAccuracy] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    strength: dict = field(default_factory=dict)  # edgeguard.strength: level and reason
 
     def accuracy(self, domain: str) -> DomainAccuracy | None:
         return next((a for a in self.accuracies if a.domain == domain), None)
@@ -56,7 +59,11 @@ class ProtectSummary:
             before = f"{a.before * 100:.2f}% → " if a.before is not None else ""
             parts.append(f"{a.role} {a.domain} {before}{a.after * 100:.2f}%")
         parts.append(f"{self.seconds:.0f} s → {self.out}")
-        return ", ".join(parts)
+        return ", ".join(parts) + (f"; protection {self.strength['level']}" if self.strength else "")
+
+    @property
+    def weak(self) -> bool:
+        return self.strength.get("level") == "weak"
 
 
 def read_config_file(path: str | os.PathLike) -> tuple[str, dict]:
@@ -102,7 +109,7 @@ def _train_split(domain, device, labels: bool) -> TensorData:
 
 def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike, *, target: str | None = None,
             config=None, overrides=(), config_file: str | os.PathLike | None = None, data_root: str | None = None,
-            device: str = "auto", resume: bool = False) -> ProtectSummary:
+            device: str = "auto", resume: bool = False, class_map=None) -> ProtectSummary:
     """Protect `source_model` against reuse on `target` with a registered method; write `out` (.safetensors)."""
     m = get_method(method)
     cfg = make_config(method, config, overrides, config_file)
@@ -130,15 +137,15 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     if target and target == card.source_domain:
         raise EdgeguardError(f"--target {target} is the model's authorised (source) domain; give the domain to "
                              "protect against")
-    tgt_dom = get_domain(target, data_root) if target else None
-    if tgt_dom is not None and tgt_dom.num_classes != card.num_classes:
-        raise EdgeguardError(f"target {target} has {tgt_dom.num_classes} classes, the model {card.num_classes}")
+    tgt_dom = get_domain(target, data_root, classes=card.classes, class_map=class_map) if target else None
     try:
         src_dom = get_domain(card.source_domain, data_root)
     except EdgeguardError:
         if needs.source_images:
             raise
         src_dom = None  # the method does without source data; the source is measured only where it is here
+    if src_dom is not None:
+        src_dom = align_classes(src_dom, card.classes, role="source")
     data = ProtectionData(
         source=_train_split(src_dom, dev, needs.source_labels) if needs.source_images else None,
         target=_train_split(tgt_dom, dev, needs.target_labels) if needs.target_images else None,
@@ -164,8 +171,10 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     for role, domain in (("source", card.source_domain), ("target", target)):
         if tests[role] is not None:
             accs.append(DomainAccuracy(domain, role, evaluate(protected, tests[role]), before[role]))
+    strength = _strength(m.name if not card.protected else f"{card.method}+{m.name}", card, target, accs,
+                         before["target"])
     protection = {"history": result.history, "seconds": round(seconds, 2), "data": needs.describe(),
-                  "source_model_sha256": source_sha, **result.notes}
+                  "source_model_sha256": source_sha, "strength": strength.to_dict(), **result.notes}
     method_name = m.name
     if card.protected:  # a refinement: the card names both steps and keeps the input's record
         method_name = f"{card.method}+{m.name}"
@@ -180,12 +189,20 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     atomic_write_text(out.with_name(out.name + ".config.json"), config_json(m, cfg))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return ProtectSummary(out=str(out), method=m.name, seconds=round(seconds, 2), sparsity=result.mask.sparsity(),
-                          accuracies=accs, config=dataclasses.asdict(cfg))
+                          accuracies=accs, config=dataclasses.asdict(cfg), strength=strength.to_dict())
+
+
+def _strength(method: str, card, target: str | None, accs: list[DomainAccuracy], measured_before: float | None):
+    """The direct-use verdict against the unprotected model: for a refinement, the input's own `before`."""
+    after = next((a.after for a in accs if a.role == "target"), None)
+    recorded = card.accuracy(target, "target") if (card.protected and target) else None
+    before = recorded.before if recorded is not None and recorded.before is not None else measured_before
+    return direct_use(method, target, before, after, card.num_classes)
 
 
 def protect_hardened(method: str, source_model: str | os.PathLike, out: str | os.PathLike, *,
                      target: str | None = None, overrides=(), harden_overrides=(), config_file=None,
-                     data_root: str | None = None, device: str = "auto", resume: bool = False
+                     data_root: str | None = None, device: str = "auto", resume: bool = False, class_map=None
                      ) -> tuple[ProtectSummary, ProtectSummary]:
     """`protect --harden`: the method writes OUT's stem + `.base.safetensors`, harden refines it into OUT.
     With `resume`, a finished base file is reused and the hardening continues from its checkpoints."""
@@ -198,9 +215,9 @@ def protect_hardened(method: str, source_model: str | os.PathLike, out: str | os
         first = _summary_of(base)
     else:
         first = protect(method, source_model, base, target=target, overrides=overrides, config_file=config_file,
-                        data_root=data_root, device=device, resume=resume)
+                        data_root=data_root, device=device, resume=resume, class_map=class_map)
     second = protect("harden", base, out, target=target, overrides=harden_overrides, data_root=data_root,
-                     device=device, resume=resume)
+                     device=device, resume=resume, class_map=class_map)
     return first, second
 
 
@@ -211,7 +228,8 @@ def _summary_of(path: Path) -> ProtectSummary:
     card = read_card(path)
     sparsity = card.mask.sparsity if card.mask is not None else 0.0
     return ProtectSummary(out=str(path), method=card.method, seconds=float((card.protection or {}).get("seconds", 0)),
-                          sparsity=sparsity, accuracies=list(card.accuracies), config=card.method_config)
+                          sparsity=sparsity, accuracies=list(card.accuracies), config=card.method_config,
+                          strength=dict((card.protection or {}).get("strength") or {}))
 
 
 def _prepare_checkpoints(ckpt_dir: Path, run_key: str, resume: bool) -> None:

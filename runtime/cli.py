@@ -49,10 +49,11 @@ def cmd_validate(args) -> int:
         from .integrity import protection_status
 
         manifest, checks = _verified(args)
-        protected, line = protection_status(manifest)
-        print(f"  {'ok' if protected else 'NOTE':<5} {'protection':<12} {line}")
+        protected, word, line = protection_status(manifest)
+        print(f"  {word:<5} {'protection':<12} {line}")
         report["protection"] = line
         report["protected"] = protected
+        report["protection_strength"] = manifest.protection.strength if manifest.protection else ""
         report["checks"] = [c.__dict__ for c in checks]
         backend = _backend(args, manifest, bundle)
         report["backend"] = backend.describe()

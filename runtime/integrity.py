@@ -58,11 +58,41 @@ def _sha256_of(path: Path, rel: str) -> str:
     return _read(path, rel, sha256_file)
 
 
-def protection_status(manifest: Manifest) -> tuple[bool, str]:
-    """(protected?, the line a person reads) from the manifest's protection record."""
-    if manifest.protection is None:
-        return False, "not stated (a schema-1 bundle)"
-    return manifest.protection.protected, manifest.protection.summary
+def protection_status(manifest: Manifest) -> tuple[bool, str, str]:
+    """(protected?, the word in validate's first column, the line a person reads) from the manifest's record:
+    "ok" only for a protection the host measured working; "none", "weak" or "untested" otherwise."""
+    p = manifest.protection
+    if p is None:
+        return False, "NOTE", "not stated (a schema-1 bundle)"
+    if p.strength:
+        ok = p.strength in ("direct-use", "resists-fine-tuning")
+        return ok and p.protected, "ok" if ok else p.strength, p.summary
+    return p.protected, "ok" if p.protected else "none", p.summary
+
+
+def check_input_spec(manifest: Manifest, model_path: Path) -> Check:
+    """The input the device feeds (manifest.input) must be the one the host measured the accuracy bounds at
+    (manifest.measured_input) and the shape the ONNX graph takes; otherwise every bound is meaningless."""
+    spec, measured = manifest.input, manifest.measured_input
+    if measured is not None:
+        for name in ("shape", "mean", "std", "scale", "normalisation"):
+            if getattr(spec, name) != getattr(measured, name):
+                raise IntegrityError(f"input: the device feeds {name} {getattr(spec, name)} but the host measured "
+                                     f"the accuracies at {getattr(measured, name)}; rebuild the bundle")
+    import onnx
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as e:  # onnx raises several types for a damaged file
+        raise IntegrityError(f"input: cannot read {model_path.name} ({type(e).__name__})") from None
+    inputs = [i for i in graph.input if i.name == spec.input_name]
+    if not inputs:
+        raise IntegrityError(f"input: {model_path.name} has no input named {spec.input_name!r}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or any(d is not None and d != want for d, want in zip(dims[1:], spec.shape)):
+        raise IntegrityError(f"input: {model_path.name} takes {dims}, the manifest says N×{'×'.join(map(str, spec.shape))}")
+    return Check("input", True, f"N×{'×'.join(map(str, spec.shape))}, mean {spec.mean}, std {spec.std}"
+                                + (", as measured on the host" if measured is not None else ""))
 
 
 def unlisted_files(bundle: Path, manifest: Manifest) -> list[str]:
@@ -154,6 +184,7 @@ def verify_bundle(bundle: str | Path, public_key: str | Path | None = None, engi
     if not zeros.ok:
         raise IntegrityError(f"mask-zeros: {zeros.detail}")
     checks.append(zeros)
+    checks.append(check_input_spec(manifest, _inside(bundle, manifest.model.path)))
 
     if engine is not None:
         checks.append(check_engine(Path(engine), manifest))

@@ -115,6 +115,7 @@ class Protection:
     protected: bool
     method: str  # none | map | ntp | …
     summary: str  # one line a person reads, e.g. "map: 24.1 % of weights masked; SLC-AUC … "
+    strength: str = ""  # none | weak | untested | direct-use | resists-fine-tuning ("" in older bundles)
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Manifest:
     slc_auc: dict[str, SlcAucEntry] | None = None  # attack name → its SLC-AUC against the target
     opset: int | None = None
     protection: Protection | None = None  # None only in schema-1 manifests
+    measured_input: InputSpec | None = None  # the input the host measured the accuracies at (None: older bundles)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

@@ -131,6 +131,9 @@ def read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, 
     xs, ys = [], []
     for ci, c in enumerate(classes):
         files = sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise EdgeguardError(f"{folder / c}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                                 "add its images or remove the folder (a model would silently lose the class)")
         for p in files:
             xs.append(_load_image(p).transpose(2, 0, 1))
             ys.append(ci)

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import EdgeguardError
 from . import formats
 from .base import DIGITS, Domain, fixed_shuffle, split_by_index, to_rgb32
+from .classes import align_classes
 
 Loader = Callable[[Path], Domain]
 
@@ -25,7 +26,7 @@ class DomainSpec:
 
 
 _REGISTRY: dict[str, DomainSpec] = {}
-_MEMO: dict[tuple[str, str], Domain] = {}
+_MEMO: dict[tuple[str, str, str], Domain] = {}  # (name, folder, fingerprint): an edited folder is reread
 
 
 def register_domain(name: str, folder: str, description: str) -> Callable[[Loader], Loader]:
@@ -50,7 +51,8 @@ def _cache_dir() -> Path:
 
 
 def _fingerprint(folder: Path) -> str:
-    """Identity of the files a domain is read from (names, sizes, mtimes), so the cache follows edits."""
+    """Identity of the files a domain is read from (every file's name, size and mtime), so the cache follows
+    edits: an image overwritten in place is decoded again."""
     h = hashlib.sha256(str(folder.resolve()).encode())
     if folder.is_file():
         st = folder.stat()
@@ -60,15 +62,14 @@ def _fingerprint(folder: Path) -> str:
         dirnames.sort()
         st = os.stat(dirpath)
         h.update(f"{dirpath}:{st.st_mtime_ns}:{len(filenames)}".encode())
-        if len(filenames) < 64:  # large image folders: the folder's mtime and count stand for their files
-            for fn in sorted(filenames):
-                s = os.stat(os.path.join(dirpath, fn))
-                h.update(f"{fn}:{s.st_size}:{s.st_mtime_ns}".encode())
+        for fn in sorted(filenames):
+            s = os.stat(os.path.join(dirpath, fn))
+            h.update(f"{fn}:{s.st_size}:{s.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-def _cached(name: str, folder: Path, build: Callable[[], Domain]) -> Domain:
-    path = _cache_dir() / f"{name.replace(':', '_').replace('/', '_')}-{_fingerprint(folder)}.npz"
+def _cached(name: str, fingerprint: str, build: Callable[[], Domain]) -> Domain:
+    path = _cache_dir() / f"{name.replace(':', '_').replace('/', '_')}-{fingerprint}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -89,20 +90,31 @@ def _cached(name: str, folder: Path, build: Callable[[], Domain]) -> Domain:
     return dom
 
 
-def get_domain(name: str, data_root: str | os.PathLike | None = None) -> Domain:
-    """Load a registered domain (or `imagefolder:PATH`) as uint8 (N, 3, 32, 32) images and int64 labels."""
+def get_domain(name: str, data_root: str | os.PathLike | None = None, *, classes=None, class_map=None,
+               role: str = "target") -> Domain:
+    """Load a registered domain (or `imagefolder:PATH`) as uint8 (N, 3, 32, 32) images and int64 labels.
+    With `classes` (a model's class names) the labels are matched to them by name (`domains.classes`)."""
+    dom = _load_domain(name, data_root)
+    return dom if classes is None else align_classes(dom, classes, class_map, role)
+
+
+def _load_domain(name: str, data_root: str | os.PathLike | None) -> Domain:
     if name.startswith("imagefolder:"):
         folder = Path(name.split(":", 1)[1]).expanduser()
-        key = (name, str(folder))
+        if not folder.is_dir():
+            where = "" if folder.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+            raise EdgeguardError(f"{name}: {folder} is {'not a folder' if folder.exists() else 'not found'}{where}; "
+                                 "give the path of a folder with one sub-folder of images per class")
+        key = (name, str(folder.resolve()), _fingerprint(folder))
         if key not in _MEMO:
-            _MEMO[key] = _cached(name, folder, lambda: load_imagefolder(folder, name))
+            _MEMO[key] = _cached(name, key[2], lambda: load_imagefolder(folder, name))
         return _MEMO[key]
     spec = _REGISTRY.get(name)
     if spec is None:
         known = ", ".join(sorted(_REGISTRY)) + ", imagefolder:PATH"
         raise EdgeguardError(f"unknown domain {name!r}; known domains: {known}")
     if not spec.folder:
-        key = (name, "")
+        key = (name, "", "")
         if key not in _MEMO:
             _MEMO[key] = spec.loader(Path())
         return _MEMO[key]
@@ -114,9 +126,9 @@ def get_domain(name: str, data_root: str | os.PathLike | None = None) -> Domain:
     folder = root / spec.folder
     if not folder.exists():
         raise EdgeguardError(f"{folder}: not found; expected the {name} data set there ({spec.description})")
-    key = (name, str(folder.resolve()))
+    key = (name, str(folder.resolve()), _fingerprint(folder))
     if key not in _MEMO:
-        _MEMO[key] = _cached(name, folder, lambda: spec.loader(folder))
+        _MEMO[key] = _cached(name, key[2], lambda: spec.loader(folder))
     return _MEMO[key]
 
 

@@ -27,6 +27,7 @@ from ..devices import cpu_bf16, resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
 from ..masks import MaskSet
+from ..paths import report_folder
 from ..progress import progress
 from ..training import TensorData, evaluate, reestimate_bn
 from .attack import AttackRecipe, attack_start, scratch_model, stratified_subset, train_run
@@ -74,6 +75,7 @@ class EvalConfig:
     suite: str | None = None  # the suite's name, for the report (its recipes are in `attacks`)
     search_trials: int = 0  # > 0: also a random search of this many trials per (model, seed, ratio)
     search_seed: int = 0
+    class_map: str | None = None  # --class-map: how the target's classes pair with the model's (default: by name)
 
     def validate(self) -> None:
         if self.seeds < 1:
@@ -157,19 +159,21 @@ def grid_jobs(art: Artifact, ref: Artifact | None, cfg: EvalConfig, model_sha: s
 
 def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: str | os.PathLike,
                    unprotected: str | os.PathLike | None = None) -> dict:
-    """Run the grid for every attack (protected, scratch, and the unprotected model if given); write reports."""
+    """Run the grid for every attack (protected, scratch, and the unprotected model if given); write reports.
+    A run that fails removes the report folder it created, unless finished runs in it can be resumed."""
+    cfg.validate()
+    with report_folder(report_dir) as folder:
+        return _evaluate_into(model_path, cfg, folder, unprotected)
+
+
+def _evaluate_into(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: Path,
+                   unprotected: str | os.PathLike | None) -> dict:
     from .report import write_report
 
-    cfg.validate()
-    report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(cfg.device)
     art = load_artifact(model_path, dev)
     ref = load_artifact(unprotected, dev) if unprotected else None
-    dom = get_domain(cfg.target, cfg.data_root)
-    if dom.num_classes != art.card.num_classes:
-        raise EdgeguardError(f"target {cfg.target} has {dom.num_classes} classes but the model "
-                             f"{art.card.num_classes}; the attack needs the same label space")
+    dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes, class_map=cfg.class_map)
     if ref is not None and (ref.card.arch != art.card.arch):
         raise EdgeguardError("--unprotected must be the same architecture as the protected model")
     dom = dom.subset(cfg.max_train, cfg.max_test)
@@ -247,6 +251,8 @@ def evaluate_model(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: s
 def _job_key(kind: str, recipe: AttackRecipe, seed: int, ratio: float, cfg: EvalConfig, model_sha: str,
              ref_sha: str | None, art: Artifact, split: str = "full") -> str:
     data_key = {"domain": cfg.target, "max_train": cfg.max_train, "max_test": cfg.max_test}
+    if cfg.class_map:  # other labels, other runs
+        data_key["class_map"] = cfg.class_map
     extra = {"split": split} if split != "full" else {}
     if kind == "scratch":
         return _key({"arch": art.card.arch, "arch_args": art.card.arch_args, "r": _recipe_for_scratch(recipe),
@@ -391,7 +397,7 @@ class _Context:
         if self.source_train is None:
             name = self.art.card.source_domain
             try:
-                dom = get_domain(name, self.data_root)
+                dom = get_domain(name, self.data_root, classes=self.art.card.classes, role="source")
             except EdgeguardError as e:
                 raise EdgeguardError(f"a source-aided attack needs the model's source domain {name!r}: {e}") from None
             self.source_train = TensorData.from_numpy(dom.train_x, dom.train_y, self.device)
@@ -488,9 +494,10 @@ def _context(spec: TaskSpec, device: str) -> _Context:
            cfg.precision)
     if key not in _CONTEXTS:
         dev = resolve_device(device)
-        dom = get_domain(cfg.target, cfg.data_root).subset(cfg.max_train, cfg.max_test)
-        _CONTEXTS[key] = _Context(load_artifact(spec.model_path, dev),
-                                  load_artifact(spec.unprotected, dev) if spec.unprotected else None,
+        art = load_artifact(spec.model_path, dev)
+        dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes,
+                         class_map=cfg.class_map).subset(cfg.max_train, cfg.max_test)
+        _CONTEXTS[key] = _Context(art, load_artifact(spec.unprotected, dev) if spec.unprotected else None,
                                   TensorData.from_numpy(dom.train_x, dom.train_y, dev),
                                   TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),
                                   cpu_bf16(cfg.precision, dev), data_root=cfg.data_root)
@@ -660,7 +667,7 @@ def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs: list[R
     src_name = card.source_domain
     source_after = source_before = target_before = None
     try:
-        src_dom = get_domain(src_name, cfg.data_root)  # the whole source test set: --max-test caps the target
+        src_dom = get_domain(src_name, cfg.data_root, classes=card.classes, role="source")  # whole test set
         src_test = TensorData.from_numpy(src_dom.test_x, src_dom.test_y, test.x.device)
         source_after = evaluate(art.model, src_test)
         if ref is not None:

@@ -99,5 +99,8 @@ def mobilenet_v3_small(num_classes: int = 10) -> Classifier:
     from torchvision.models import mobilenet_v3_small as tv_mnv3
 
     m = tv_mnv3(weights=None, num_classes=num_classes)
+    for bn in m.modules():  # torchvision's 0.01 leaves the running statistics far from the data after a short
+        if isinstance(bn, nn.BatchNorm2d):  # training from random init: eval mode then predicts one class
+            bn.momentum = 0.1
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *m.classifier)
     return Classifier(m.features, head, "mobilenet_v3_small", num_classes)
