@@ -108,8 +108,10 @@ def _npz_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
 
 def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, target: str = "onnx",
                  sign_key: str | os.PathLike | None = None, precision: str | None = None,
-                 build_local_engine: bool = True, runtime_wheel: bool = True) -> dict:
-    """Export, check, measure, sign and write the bundle; returns a summary."""
+                 build_local_engine: bool = True, runtime_wheel: bool = True,
+                 oms_key: str | os.PathLike | None = None) -> dict:
+    """Export, check, measure, sign and write the bundle; returns a summary. With `oms_key` (ECDSA P-256)
+    the finished bundle is also signed with OpenSSF model signing (oms.sig)."""
     prof = get_target(target)
     precision = precision or prof.precision
     if precision not in ("fp32", "fp16", "int8"):
@@ -126,6 +128,14 @@ def build_bundle(model, desc: ModelDescription, out_dir: str | os.PathLike, targ
         os.chmod(tmp, 0o777 & ~current_umask())
         try:
             summary = _build_into(tmp, model, desc, prof, precision, sign_key, build_local_engine, runtime_wheel)
+            if oms_key is not None:
+                from .oms import sign_bundle
+
+                try:
+                    sign_bundle(tmp, oms_key)
+                except ValueError as e:
+                    raise BuildError(str(e)) from None
+            summary["oms_signed"] = oms_key is not None
             swap_into_place(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the previous bundle

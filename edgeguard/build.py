@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,12 @@ def _samples(name: str, n: int, data_root: str | None, classes, role: str, class
 def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "onnx",
           sign_key: str | os.PathLike | None = None, precision: str | None = None, samples: int = 300,
           data_root: str | None = None, report: str | os.PathLike | None = None,
-          unauthorised: list[str] | None = None, allow_weak: bool = False, class_map=None) -> dict:
+          unauthorised: list[str] | None = None, allow_weak: bool = False, class_map=None,
+          ota: OtaOptions | None = None, oms_key: str | os.PathLike | None = None) -> dict:
     """Export the artifact to a bundle. Validation samples come from the test splits of its domains.
-    A protection that did not protect (`edgeguard.strength`) is refused unless `allow_weak`."""
+    A protection that did not protect (`edgeguard.strength`) is refused unless `allow_weak`. With `ota`, a
+    signed Mender Artifact of the bundle is written beside it (OUT + .mender); with `oms_key`, the bundle
+    carries an OpenSSF model-signing signature (oms.sig)."""
     from converters.bundle import BuildError, ModelDescription, build_bundle
     from converters.targets import get_target
 
@@ -35,6 +40,10 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
         get_target(target)
     except ValueError as e:
         raise EdgeguardError(str(e)) from None
+    if ota is not None:
+        ota.check()
+    if oms_key is not None:
+        _check_oms_key(oms_key)
     art = load_artifact(model_file)
     card = art.card
     _check_input_spec(card, model_file)
@@ -52,9 +61,66 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
         mean=tuple(card.input.mean), std=tuple(card.input.std), scale=card.input.scale,
         input_shape=tuple(card.input.shape), slc_auc=slc, strength=strength.level, strength_reason=strength.reason)
     try:
-        return build_bundle(art.model, desc, out, target=target, sign_key=sign_key, precision=precision)
+        summary = build_bundle(art.model, desc, out, target=target, sign_key=sign_key, precision=precision,
+                               oms_key=oms_key)
     except BuildError as e:
         raise CheckFailed(f"build failed, no bundle written: {e}") from None
+    except ValueError as e:
+        raise EdgeguardError(str(e)) from None
+    if ota is not None:
+        summary["ota"] = ota.write(Path(out), ota.model_name or _model_name(model_file))
+    return summary
+
+
+@dataclass
+class OtaOptions:
+    """`build --ota mender`: device types the artifact installs on, the ECDSA key that signs it, its name."""
+
+    device_types: list[str]
+    key: str
+    kind: str = "mender"
+    model_name: str | None = None
+    version: str | None = None
+
+    def check(self) -> None:
+        """Everything the artifact needs, before any bundle is built."""
+        from converters import mender
+        from converters.signing import load_ota_key
+
+        if self.kind != "mender":
+            raise EdgeguardError(f"--ota {self.kind!r}: the one OTA system supported is mender")
+        if not self.device_types:
+            raise EdgeguardError("--ota mender needs at least one --device-type (e.g. jetson-orin-nano)")
+        try:
+            mender.tool()
+            load_ota_key(self.key)
+        except ValueError as e:
+            raise EdgeguardError(str(e)) from None
+
+    def write(self, bundle: Path, model_name: str) -> dict:
+        from converters.mender import write_mender_artifact
+
+        try:
+            return write_mender_artifact(bundle, bundle.with_name(bundle.name + ".mender"), self.device_types,
+                                         self.key, model_name, self.version)
+        except ValueError as e:
+            raise CheckFailed(f"the bundle {bundle} is built, but its Mender Artifact is not: {e}") from None
+
+
+def _model_name(model_file) -> str:
+    """An artifact-safe name from the model file's stem."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", Path(model_file).stem).strip("-._+") or "model"
+
+
+def _check_oms_key(key) -> None:
+    from converters.signing import load_ota_key
+    from runtime.oms import available
+
+    if not available():
+        raise EdgeguardError("--oms-key needs OpenSSF model signing: pip install -e '.[oms]' (model-signing, "
+                             "pyopenssl)")
+    try:
+        load_ota_key(key)
     except ValueError as e:
         raise EdgeguardError(str(e)) from None
 

@@ -467,27 +467,45 @@ def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, 
               help="Validation samples per domain carried in the bundle.")
 @click.option("--unauthorised", multiple=True, help="Unauthorised domains to carry (default: the model's targets).")
 @click.option("--report", type=click.Path(), default=None, help="An evaluation report whose SLC-AUC goes in the manifest.")
+@click.option("--ota", type=click.Choice(["mender"]), default=None,
+              help="Also write OUT.mender: a signed Mender Artifact (module-image, payload edgeguard-bundle).")
+@click.option("--device-type", "device_types", multiple=True,
+              help="Device type the Mender Artifact installs on (repeatable), e.g. jetson-orin-nano.")
+@click.option("--ota-key", type=click.Path(dir_okay=False), default=None,
+              help="ECDSA P-256 key that signs the Mender Artifact (`edgeguard keygen` writes PREFIX-ota.key).")
+@click.option("--ota-version", default=None, help="Artifact version (default: the manifest's sha256, 12 digits).")
+@click.option("--oms-key", type=click.Path(dir_okay=False), default=None,
+              help="Also sign the bundle with OpenSSF model signing (oms.sig) with this ECDSA P-256 key.")
 @allow_weak_option
 @class_map_option
 @data_root_option
 @json_option
-def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, allow_weak, class_map, data_root,
-              as_json) -> None:
+def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, report, ota, device_types, ota_key,
+              ota_version, oms_key, allow_weak, class_map, data_root, as_json) -> None:
     """Export a protected model to a signed deployment bundle."""
-    from .build import build
+    from .build import OtaOptions, build
     from .paths import ensure_writable
 
     ensure_writable(out, "--out", folder=True)
+    if (device_types or ota_key or ota_version) and not ota:
+        raise EdgeguardError("--device-type, --ota-key and --ota-version go with --ota mender")
+    if ota and not ota_key:
+        raise EdgeguardError("--ota mender needs --ota-key (an ECDSA P-256 key: `edgeguard keygen` writes PREFIX-ota.key)")
+    opts = OtaOptions(list(device_types), ota_key, ota, version=ota_version) if ota else None
     r = build(file, out, target=target, sign_key=sign_key, precision=precision, samples=samples,
               data_root=data_root, report=report, unauthorised=list(unauthorised) or None, allow_weak=allow_weak,
-              class_map=class_map)
+              class_map=class_map, ota=opts, oms_key=oms_key)
     acc = ", ".join(f"{k} {v * 100:.1f}%" for k, v in r["accuracy"].items())
     if as_json:
         click.echo(f"bundle {r['bundle']}", err=True)
         _emit_json(r)
         return
-    click.echo(f"bundle {r['bundle']} ({r['target']}, {r['precision']}, {'signed' if r['signed'] else 'UNSIGNED'}): "
+    click.echo(f"bundle {r['bundle']} ({r['target']}, {r['precision']}, {'signed' if r['signed'] else 'UNSIGNED'}"
+               f"{', OpenSSF-signed' if r.get('oms_signed') else ''}): "
                f"ONNX parity max |Δ| {r['parity']['max_abs_diff']:.1e}; {acc}")
+    if "ota" in r:
+        o = r["ota"]
+        click.echo(f"mender artifact {o['artifact']} ({o['name']}, {', '.join(o['device_types'])}, {o['bytes']:,} bytes)")
 
 
 @main.command()
@@ -549,16 +567,20 @@ def deploy(bundle, hosts, inventory, public_key, allow_unsigned, rollback, force
 
 
 @main.command()
-@click.option("--out", required=True, help="Prefix: writes PREFIX.key (private, 0600) and PREFIX.pub.")
+@click.option("--out", required=True, help="Prefix: writes PREFIX.key/.pub and PREFIX-ota.key/.pub (keys 0600).")
 def keygen(out) -> None:
-    """Write an Ed25519 key pair for signing bundles."""
-    from converters.signing import generate_keypair
+    """Write the vendor's key pairs: Ed25519 for the bundle's own signature, ECDSA P-256 for Mender Artifacts
+    and OpenSSF model signing (which take no Ed25519 key)."""
+    from converters.signing import generate_keypair, generate_ota_keypair
 
     from .paths import ensure_writable
 
     ensure_writable(f"{out}.key", "--out")
     k, p = generate_keypair(out)
+    ok, op = generate_ota_keypair(out)
     click.echo(f"private key {k} (keep it secret), public key {p} (put it on the devices)")
+    click.echo(f"OTA key {ok} (signs Mender Artifacts and oms.sig; keep it secret), public key {op} (the Mender "
+               "client's ArtifactVerifyKey; `model_signing verify key … --public_key` takes it too)")
 
 
 @main.command("attacks")

@@ -33,7 +33,8 @@ def _verified(args):
         rp = Path(args.report)
         if rp.is_dir():
             raise BundleError(f"--report {rp}: is a folder; give a file name for the JSON report")
-    return verify_bundle(Path(args.bundle), args.public_key, args.engine, require_signature=not args.allow_unsigned)
+    return verify_bundle(Path(args.bundle), args.public_key, args.engine, require_signature=not args.allow_unsigned,
+                         oms_public_key=args.oms_public_key)
 
 
 def _fail_line(e: BundleError) -> str:
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--report", default=None, help="Write the JSON report here.")
         sp.add_argument("--public-key", default=None, help="The vendor's Ed25519 public key (PEM).")
         sp.add_argument("--allow-unsigned", action="store_true", help="Skip the signature check (bench tests only).")
+        sp.add_argument("--oms-public-key", default=None,
+                        help="Also verify oms.sig (OpenSSF model signing) with this ECDSA P-256 public key; needs "
+                             "the [oms] extra.")
 
     v = sub.add_parser("validate", help="Integrity checks, then accuracy against the manifest's bounds.")
     common(v)

@@ -20,7 +20,7 @@ from .manifest import BundleError, IntegrityError, Manifest, load_public_key, re
 
 # Files a device writes into a bundle folder itself (not in the signed manifest): the engine and caches.
 DEVICE_FILES = frozenset({"model.engine", "timing.cache"})
-SIGNED_FILES = frozenset({"manifest.json", "manifest.sig"})
+SIGNED_FILES = frozenset({"manifest.json", "manifest.sig", "oms.sig"})  # signatures, not listed in the manifest
 
 
 @dataclass
@@ -146,7 +146,8 @@ def check_mask_zeros(model_path: Path, bits: bytes, manifest: Manifest) -> Check
 
 
 def verify_bundle(bundle: str | Path, public_key: str | Path | None = None, engine: str | Path | None = None,
-                  require_signature: bool = True) -> tuple[Manifest, list[Check]]:
+                  require_signature: bool = True, oms_public_key: str | Path | None = None
+                  ) -> tuple[Manifest, list[Check]]:
     """Run every integrity check; raise IntegrityError (exit 1) or BundleError (exit 2) on the first failure."""
     bundle = Path(bundle)
     key = load_public_key(public_key) if public_key is not None else None
@@ -170,6 +171,10 @@ def verify_bundle(bundle: str | Path, public_key: str | Path | None = None, engi
         raise IntegrityError(f"files: {len(extra)} file(s) the signed manifest does not list, first {extra[0]!r}; "
                              "a bundle carries nothing else (remove it, or rebuild the bundle)")
     checks.append(Check("files", True, f"{1 + len(manifest.files)} files match their sha256; nothing unlisted"))
+    if oms_public_key is not None:
+        from .oms import verify as verify_oms
+
+        checks.append(Check("oms", True, verify_oms(bundle, oms_public_key)))
 
     bits = _read(_inside(bundle, manifest.mask.file), manifest.mask.file, Path.read_bytes)
     if maskbits.digest(bits) != manifest.mask.sha256:

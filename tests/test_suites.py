@@ -129,8 +129,8 @@ def test_search_never_reads_the_test_set(mnist_model, tmp_path, monkeypatch):
     clean = evaluate_model(mnist_model, EvalConfig(**cfg), tmp_path / "clean")
     real = runner.get_domain
 
-    def poisoned(name, root=None):
-        d = real(name, root)
+    def poisoned(name, root=None, **kw):  # kw: the model's classes, matched by name
+        d = real(name, root, **kw)
         if name == "usps":
             rng = np.random.default_rng(0)
             d = dataclasses.replace(d, test_y=rng.permutation(d.test_y))
