@@ -13,7 +13,7 @@ from .artifact import load_artifact
 from .card import HOST_INPUT
 from .domains import get_domain
 from .errors import CheckFailed, EdgeguardError
-from .strength import Strength, direct_use, from_record, with_fine_tuning
+from .strength import card_strength, with_fine_tuning
 
 
 def _samples(name: str, n: int, data_root: str | None, classes, role: str, class_map=None, seed: int = 0):
@@ -123,16 +123,6 @@ def _check_oms_key(key) -> None:
         load_ota_key(key)
     except ValueError as e:
         raise EdgeguardError(str(e)) from None
-
-
-def card_strength(card) -> Strength:
-    """The card's recorded verdict, or (files written before it was recorded) one from its accuracies."""
-    recorded = from_record((card.protection or {}).get("strength"))
-    if recorded is not None:
-        return recorded
-    tgt = next((a for a in card.accuracies if a.role == "target"), None)
-    return direct_use(card.method, tgt.domain if tgt else None, tgt.before if tgt else None,
-                      tgt.after if tgt else None, card.num_classes)
 
 
 def _check_input_spec(card, model_file) -> None:

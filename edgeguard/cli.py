@@ -140,6 +140,10 @@ def info(file, as_json, layers) -> None:
     for a in card.accuracies:
         before = f"{a.before * 100:.2f}% → " if a.before is not None else ""
         click.echo(f"accuracy      {a.role} {a.domain}: {before}{a.after * 100:.2f}%")
+    from .strength import card_strength
+
+    s = card_strength(card)
+    click.echo(f"protection    {s.level}: {s.reason}")
     m = card.mask
     if m is None:
         click.echo("mask          none (dense model)")
@@ -415,6 +419,9 @@ def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, 
         ensure_writable(out, "--out")
     if report_dir is not None:
         ensure_writable(report_dir, "--report", folder=True)
+    from .devices import resolve_device
+
+    device = str(resolve_device(device))  # `auto` means this machine's best, as for every other command
     art = load_artifact(file)
     cfg = apply_overrides(SynthesisConfig(init="noise", seed=seed), overrides)
     if n is not None or report_dir is None:

@@ -67,3 +67,13 @@ def from_record(d) -> Strength | None:
     if isinstance(d, dict) and d.get("level") in LEVELS and isinstance(d.get("reason"), str):
         return Strength(d["level"], d["reason"])
     return None
+
+
+def card_strength(card) -> Strength:
+    """A model card's recorded verdict, or (files written before it was recorded) one from its accuracies."""
+    recorded = from_record((card.protection or {}).get("strength"))
+    if recorded is not None:
+        return recorded
+    tgt = next((a for a in card.accuracies if a.role == "target"), None)
+    return direct_use(card.method, tgt.domain if tgt else None, tgt.before if tgt else None,
+                      tgt.after if tgt else None, card.num_classes)

@@ -81,3 +81,14 @@ def test_cli_synthesize_report(mnist_model, tmp_path):
         assert (out / name).stat().st_size > 100
     r = CliRunner().invoke(main, ["synthesize", str(mnist_model)])
     assert r.exit_code != 0 and "--out" in r.output
+
+
+def test_cli_synthesize_report_as_the_readme_writes_it(mnist_model, tmp_path):
+    """No --device: `auto` is resolved like every other command (issue 32 item 4: it raised from torch)."""
+    from click.testing import CliRunner
+
+    from edgeguard.cli import main
+
+    r = CliRunner().invoke(main, ["synthesize", str(mnist_model), "--report", str(tmp_path / "rep"), "-n", "32",
+                                  "--set", "iterations=5", "--set", "batch_size=32", "--fidelity-steps", "5"])
+    assert r.exit_code == 0 and "fidelity" in r.output, r.output

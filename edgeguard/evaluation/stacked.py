@@ -16,6 +16,7 @@ model with dropout matches its sequential runs in distribution, not bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections import Counter
@@ -194,12 +195,25 @@ def build_stack(models: list[nn.Module], device: torch.device) -> tuple[nn.Modul
     return net, active
 
 
+@contextlib.contextmanager
+def _exact_fp32():
+    """TF32 off while the stack is checked: on CUDA, cuDNN's TF32 convolutions differ between a grouped and a
+    plain conv by more than the check's tolerance (resnet18 on an H200: 5e-4 with TF32, 6e-7 without), which
+    says nothing about whether the forward mixes runs."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _check(net: nn.Module, models: list[nn.Module], device: torch.device) -> None:
     """The stack must compute what each run's model computes (eval mode: no state changes)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 32, 32, generator=g).to(device)
     net.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _exact_fp32():
         out = _stacked_forward(net, x.unsqueeze(0).expand(len(models), *x.shape))
         for k, m in enumerate(models):
             was = m.training
