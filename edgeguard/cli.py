@@ -60,6 +60,7 @@ _RESUME_HINTS = {
     "evaluate": "rerun the same command: the finished runs in the report folder's runs.jsonl are kept and skipped",
     "build": "the previous bundle (if any) is untouched; rerun the same command",
     "deploy": "devices keep the bundle they had unless their switch completed; rerun the same command",
+    "demo": "rerun `edgeguard demo` (with the same --out): it starts again from the beginning",
 }
 
 
@@ -494,6 +495,7 @@ def build_cmd(file, target, out, sign_key, precision, samples, unauthorised, rep
     from .paths import ensure_writable
 
     ensure_writable(out, "--out", folder=True)
+    ensure_writable(Path(out).expanduser().resolve().parent, "--out", folder=True)  # built beside it, renamed in
     if (device_types or ota_key or ota_version) and not ota:
         raise EdgeguardError("--device-type, --ota-key and --ota-version go with --ota mender")
     if ota and not ota_key:

@@ -90,6 +90,12 @@ def test_image_overwritten_in_place_is_decoded_again(tmp_path):
         before.train_x.astype(int).sum() + before.test_x.astype(int).sum()
 
 
+def test_folder_with_train_but_no_test_is_not_read_as_one_class(tmp_path):
+    _write_folder(tmp_path / "f" / "train", DIGITS[:3], per_class=2)
+    with pytest.raises(EdgeguardError, match="has train/ but no test/"):
+        get_domain(f"imagefolder:{tmp_path / 'f'}")
+
+
 def test_missing_imagefolder_path_gets_the_right_hint(tmp_path):
     with pytest.raises(EdgeguardError) as e:
         get_domain(f"imagefolder:{tmp_path / 'nope'}")

@@ -163,6 +163,11 @@ def load_mnist_m(folder: Path) -> Domain:
 
 def load_imagefolder(folder: Path, name: str) -> Domain:
     """FOLDER/train/CLASS/* and FOLDER/test/CLASS/* if both exist; else FOLDER/CLASS/* split 80/20 by index."""
+    parts = [p for p in ("train", "test") if (folder / p).is_dir()]
+    if len(parts) == 1:  # else "train" (or "test") would become the domain's one class
+        other = "test" if parts[0] == "train" else "train"
+        raise EdgeguardError(f"{folder}: has {parts[0]}/ but no {other}/; give both ({folder}/train/CLASS/*, "
+                             f"{folder}/test/CLASS/*), or put the class folders directly in {folder}")
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         trx, try_, classes = formats.read_image_folder(folder / "train")
         tex, tey, test_classes = formats.read_image_folder(folder / "test")

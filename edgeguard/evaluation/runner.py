@@ -176,6 +176,9 @@ def _evaluate_into(model_path: str | os.PathLike, cfg: EvalConfig, report_dir: P
     dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes, class_map=cfg.class_map)
     if ref is not None and (ref.card.arch != art.card.arch):
         raise EdgeguardError("--unprotected must be the same architecture as the protected model")
+    if ref is not None and ref.card.classes != art.card.classes:
+        raise EdgeguardError(f"--unprotected {unprotected} has the classes {', '.join(ref.card.classes[:8])}…, the "
+                             f"protected model {', '.join(art.card.classes[:8])}…; give the source model it was made from")
     dom = dom.subset(cfg.max_train, cfg.max_test)
     train = TensorData.from_numpy(dom.train_x, dom.train_y, dev)
     test = TensorData.from_numpy(dom.test_x, dom.test_y, dev)
