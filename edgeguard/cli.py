@@ -201,8 +201,9 @@ def domains(data_root) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Cap the target training pool.")
 @click.option("--max-test", type=click.IntRange(min=1), default=None, help="Cap the target test set.")
-@click.option("--executor", type=click.Choice(["local", "processes", "ray"]), default="local", show_default=True,
-              help="local: stacks in this process; processes: --workers processes (worker i on cuda:i mod n); "
+@click.option("--executor", type=click.Choice(["auto", "local", "processes", "ray"]), default="auto", show_default=True,
+              help="auto: worker processes, one per free core, on a CPU with more than one core free, else local; "
+                   "local: stacks in this process; processes: --workers processes (worker i on cuda:i mod n); "
                    "ray: one Ray task per stack (pip install -e '.[ray]').")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes for --executor processes.")
@@ -244,6 +245,7 @@ def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, 
     if not cfg.attacks and not cfg.search_trials:
         raise click.UsageError("nothing to run: give --attack or a --suite with recipes")
     res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
+    _say(as_json, f"{res['engine']['chosen']}, {res['engine']['stacks']} stacks, {res['wall_seconds']:.0f} s")
     for e in res["attacks"]:
         m, s = e["slc_auc"]
         extra = f" (unprotected {e['unprotected_slc_auc'][0]:+.3f})" if "unprotected_slc_auc" in e else ""
@@ -411,7 +413,8 @@ def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, 
     data); draw them, and with --report measure how good a stand-in they are."""
     from .artifact import load_artifact
     from .config import apply_overrides
-    from .methods.synthesis import SynthesisConfig, cached_pseudo_source, image_grid, neighbour_domains
+    from .figures import image_grid
+    from .methods.synthesis import SynthesisConfig, cached_pseudo_source, neighbour_domains
     from .paths import ensure_writable
 
     if out is None and report_dir is None:

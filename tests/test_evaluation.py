@@ -187,3 +187,33 @@ def test_killed_evaluate_leaves_no_worker_behind(mnist_model, tmp_path):
         alive = {k for k in kids if os.path.exists(f"/proc/{k}") and
                  open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"}
     assert not alive, f"left behind: {alive}"
+
+
+def test_executor_auto_picks_processes_only_with_free_cores(monkeypatch):
+    """Issue 28: the fastest CPU default (processes on more than one free core), said in one line."""
+    import edgeguard.evaluation.runner as runner
+
+    cfg = EvalConfig(target="usps", executor="auto", device="cpu")
+    monkeypatch.setattr(runner, "free_cores", lambda: 2)
+    got, line = runner.resolve_executor(cfg, "cpu")
+    assert (got.executor, got.workers) == ("processes", 2) and "processes ×2" in line
+    monkeypatch.setattr(runner, "free_cores", lambda: 1)
+    got, line = runner.resolve_executor(cfg, "cpu")
+    assert got.executor == "local" and "local" in line
+    explicit = EvalConfig(target="usps", executor="local", device="cpu")
+    assert runner.resolve_executor(explicit, "cpu")[0] is explicit
+
+
+def test_evaluate_cli_says_which_executor_it_chose(mnist_model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import edgeguard.evaluation.runner as runner
+    from edgeguard.cli import main
+
+    monkeypatch.setattr(runner, "free_cores", lambda: 1)
+    r = CliRunner().invoke(main, ["evaluate", str(mnist_model), "--target", "usps", "--grid", "0.02,0.05", "--epochs", "1",
+                                  "--max-train", "300", "--max-test", "200", "--report", str(tmp_path / "r"),
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "executor auto → local" in r.output
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["engine"]["chosen"].startswith("executor auto")

@@ -51,3 +51,31 @@ def test_runtime_imports_without_torch():
 def test_import_direction():
     assert not _imports("runtime") & {"torch", "torchvision", "edgeguard", "converters"}
     assert "edgeguard" not in _imports("converters")
+
+
+def _edgeguard_imports(sub: str) -> set[str]:
+    """Every edgeguard module that files under edgeguard/SUB import (relative imports resolved, local imports
+    inside functions included)."""
+    found = set()
+    for f in (REPO / "edgeguard" / sub).rglob("*.py"):
+        pkg = list(f.relative_to(REPO).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg[: len(pkg) - node.level + 1]
+                    found.add(".".join(base + ([node.module] if node.module else [])))
+                elif node.module:
+                    found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+    return found
+
+
+def test_methods_and_evaluation_never_import_each_other():
+    """Methods do not grade themselves; the evaluation does not reach into a method. What both need (the
+    attacker's moves, BN statistics, drawing) lives below them."""
+    up = {m for m in _edgeguard_imports("methods") if m.startswith("edgeguard.evaluation")}
+    down = {m for m in _edgeguard_imports("evaluation") if m.startswith("edgeguard.methods")}
+    assert not up, f"methods import the evaluation: {sorted(up)}"
+    assert not down, f"the evaluation imports methods: {sorted(down)}"
+    assert "edgeguard.finetune.moves" in _edgeguard_imports("methods") | _edgeguard_imports("evaluation")

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..errors import EdgeguardError
+from ..finetune.moves import regrow_, reinit_head  # noqa: F401  (re-exported: the attack's moves)
 from ..masks import MaskSet
 from ..models import create_model
 from ..training import TensorData, TrainConfig, train_classifier
@@ -172,15 +173,6 @@ def stratified_subset(y: np.ndarray, ratio: float, seed: int, num_classes: int) 
     return np.sort(out)
 
 
-def reinit_head(model: nn.Module, seed: int) -> None:
-    """Re-initialise the head from `seed` (the global RNG is left as it was): the attacker's new head."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in model.head.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-
-
 def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int,
                  device: torch.device) -> tuple[nn.Module, MaskSet | None]:
     """The attacker's starting copy (head re-initialised, pruned weights regrown if the recipe says so) and the
@@ -198,20 +190,6 @@ def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, s
     elif mask is not None and recipe.pruned == "regrow":
         regrow_(m, mask, seed)
     return m, use_mask
-
-
-@torch.no_grad()
-def regrow_(model: nn.Module, mask: MaskSet, seed: int, scale: float = 0.1) -> None:
-    """Give every pruned weight a small random value (N(0, (scale · std of the tensor's kept weights)²)), so a
-    pruned unit gets gradient again; seeded, so the same run regrows the same values."""
-    params = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(seed * 7 + 104729)
-    for name in sorted(mask.masks):
-        p, keep = params[name], mask.masks[name].to(params[name].device)
-        kept = p[keep]
-        std = float(kept.std()) if kept.numel() > 1 else 0.01
-        noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype) * scale * max(std, 1e-3)
-        p.copy_(torch.where(keep, p, noise))
 
 
 def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,

@@ -3,7 +3,7 @@
 - `distilled_accuracy`: the standard data-free distillation check: a fresh student of the teacher's
   architecture learns the frozen teacher's soft answers on the synthesised set alone, and is scored on the real
   source test split in eval mode;
-- `bn_distance` (methods/synthesis.py): how far the set's per-layer feature statistics are from the teacher's
+- `bn_distance` (bn_stats.py): how far the set's per-layer feature statistics are from the teacher's
   BatchNorm running statistics;
 - `class_histogram`: which classes the teacher sees in the set.
 """
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bn_stats import bn_distance
 from ..errors import EdgeguardError
-from ..methods.synthesis import bn_distance
 from ..models import create_model
 from ..training import (
     TensorData,
@@ -131,7 +131,7 @@ def write_synthesis_report(folder: str | os.PathLike, x: np.ndarray, y: np.ndarr
 
     from runtime.fileio import atomic_path, atomic_write_text
 
-    from ..methods.synthesis import image_grid
+    from ..figures import image_grid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,10 @@ def load_suite_file(path: Path) -> Suite:
         raise EdgeguardError(f"{path}: cannot read the suite file ({e})") from None
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the tomli backport (a dependency there)
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:

@@ -166,7 +166,7 @@ def _normalized(d: TensorData) -> TensorData:
 def _start(model: nn.Module, mask: MaskSet | None, atk: SimAttack, gen: torch.Generator,
            bn_data: TensorData | None) -> tuple[nn.Module, MaskSet | None]:
     """The attacker's copy: head re-initialised, pruned weights regrown, statistics re-estimated as sampled."""
-    from ..evaluation.attack import regrow_, reinit_head  # the evaluation's own moves: one definition
+    from ..finetune.moves import regrow_, reinit_head  # the evaluation's own moves: one definition
 
     m = copy.deepcopy(model)
     if atk.head_reinit:

@@ -320,13 +320,14 @@ def pseudo_source(model: nn.Module, data: ProtectionData, cfg: MapConfig) -> tup
     if init in ("target", "both") and data.target is None:
         raise EdgeguardError(f"synth.init={init} needs target images; data-free has none (use noise)")
     parts = []
+    synth = replace(cfg.synth, seed=cfg.synth.seed + cfg.seed)  # `--seed` reaches the synthesis too (0: as before)
     if init in ("noise", "both"):
-        parts.append(cached_pseudo_source(model, data.num_classes, replace(cfg.synth, init="noise"),
+        parts.append(cached_pseudo_source(model, data.num_classes, replace(synth, init="noise"),
                                           str(data.device)))
     if init in ("target", "both"):
         order = np.random.default_rng(cfg.seed).permutation(len(data.target))
         start = data.target.x.cpu().numpy()[order[: cfg.synth.n]]
-        parts.append(cached_pseudo_source(model, data.num_classes, replace(cfg.synth, init="target"),
+        parts.append(cached_pseudo_source(model, data.num_classes, replace(synth, init="target"),
                                           str(data.device), init_images=start))
     xs, ys = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return TensorData.from_numpy(xs, ys), {"pseudo_source": int(len(ys)), "synth_init": init}

@@ -27,6 +27,7 @@ from torch import nn
 
 from runtime.fileio import atomic_path
 
+from ..bn_stats import BNStatHook, bn_distance, bn_layers  # noqa: F401  (bn_distance: re-exported)
 from ..config import param
 from ..devices import resolve_device
 from ..domains.base import MEAN, STD
@@ -75,51 +76,6 @@ class SynthesisConfig:
             raise EdgeguardError(f"synth.lowres is a share of the iterations in [0, 1), got {self.lowres}")
         if not self.oversample >= 1:
             raise EdgeguardError(f"synth.oversample must be ≥ 1, got {self.oversample}")
-
-
-def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
-
-
-class _BNStatHook:
-    """Collects, per BN layer, the distance of the current batch's statistics from the running ones
-    (the first layer's weighted by `first_weight`)."""
-
-    def __init__(self, layers: list[nn.BatchNorm2d], first_weight: float = 1.0):
-        self.losses: list[torch.Tensor] = []
-        self.weights = {id(m): (first_weight if i == 0 else 1.0) for i, m in enumerate(layers)}
-        self.handles = [m.register_forward_hook(self._hook) for m in layers]
-
-    def _hook(self, module: nn.BatchNorm2d, inputs, output) -> None:
-        x = inputs[0].float()
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        d = torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2)
-        self.losses.append(self.weights[id(module)] * d)
-
-    def pop(self) -> torch.Tensor:
-        total = torch.stack(self.losses).sum() if self.losses else torch.zeros(())
-        self.losses = []
-        return total
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def bn_distance(model: nn.Module, x_normalised: torch.Tensor) -> float:
-    """Sum over BN layers of ‖μ_batch − μ_run‖ + ‖σ²_batch − σ²_run‖ for a batch (eval mode, no grad)."""
-    layers = bn_layers(model)
-    hook = _BNStatHook(layers)
-    try:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            model(x_normalised)
-        model.train(was)
-        return float(hook.pop())
-    finally:
-        hook.close()
 
 
 def _tv(x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +138,7 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
     count = count or cfg.n
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     xs, ys = [], []
-    hook = _BNStatHook(layers, cfg.first_bn_weight)
+    hook = BNStatHook(layers, cfg.first_bn_weight)
     lo, hi = _pixel_range(dev)
     low_iters = int(round(cfg.lowres * cfg.iterations))
     try:
@@ -281,7 +237,7 @@ def synthesize_generator(model: nn.Module, num_classes: int, cfg: SynthesisConfi
             if hasattr(m, "reset_parameters") and m is not student:
                 m.reset_parameters()
     s_opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    hook = _BNStatHook(layers, cfg.first_bn_weight)
+    hook = BNStatHook(layers, cfg.first_bn_weight)
     T = 4.0
     try:
         for i in progress(range(cfg.iterations), desc="train generator", total=cfg.iterations):
@@ -432,31 +388,3 @@ def neighbour_domains(x: np.ndarray, seed: int = 0) -> np.ndarray:
     outs.append((t * torch.from_numpy(rng.uniform(0.5, 1.5, (n, 1, 1, 1))).float() + noise).clamp(0, 1))
     out = torch.cat(outs)
     return (out * 255).round().to(torch.uint8).numpy()
-
-
-def image_grid(x: np.ndarray, path: str | os.PathLike, labels: list[str] | None = None, cols: int = 16,
-               scale: int = 3) -> Path:
-    """Write uint8 N×3×32×32 images as one PNG grid (nearest-neighbour upscaled) so a person can look; with
-    `labels`, each tile's label is written under it."""
-    from PIL import Image, ImageDraw
-
-    path = Path(path)
-    n = len(x)
-    if n == 0:
-        raise EdgeguardError("no images to draw")
-    if labels is not None and len(labels) != n:
-        raise EdgeguardError(f"{len(labels)} labels for {n} images")
-    rows = -(-n // cols)
-    tile_h = 34 * scale + (12 if labels is not None else 0)
-    canvas = Image.new("RGB", (min(cols, n) * 34 * scale, rows * tile_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        tile = Image.fromarray(np.ascontiguousarray(x[i].transpose(1, 2, 0))).resize((32 * scale, 32 * scale),
-                                                                                   Image.NEAREST)
-        canvas.paste(tile, (c * 34 * scale + scale, r * tile_h + scale))
-        if labels is not None:
-            draw.text((c * 34 * scale + scale, r * tile_h + 33 * scale), str(labels[i])[:14], fill="black")
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
-    return path
