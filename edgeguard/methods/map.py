@@ -315,8 +315,7 @@ def pseudo_source(model: nn.Module, data: ProtectionData, cfg: MapConfig) -> tup
     images (their content restyled to the source's feature statistics), or both sets together."""
     init = cfg.synth.init
     if init == "auto":
-        init = "target" if (cfg.setting == "source-free" and data.target is not None
-                            and cfg.synth.recipe != "generator") else "noise"
+        init = "target" if (cfg.setting == "source-free" and data.target is not None) else "noise"
     if init in ("target", "both") and data.target is None:
         raise EdgeguardError(f"synth.init={init} needs target images; data-free has none (use noise)")
     parts = []

@@ -1,9 +1,9 @@
 """Pseudo-data from a frozen model, for MAP's source-free and data-free settings.
 
-- `synthesize`: the pseudo-source, by one of two recipes: `synthesize_deepinversion` (optimise each batch's
-  pixels so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled labels,
-  image priors, per-step jitter and a half-resolution start) or `synthesize_generator` (train a generator
-  against the frozen model, then sample it); then an optional class-balanced confidence filter. Models
+- `synthesize`: the pseudo-source by DeepInversion (`synthesize_deepinversion`: optimise each batch's pixels
+  so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled labels, image
+  priors, per-step jitter and a half-resolution start), then an optional class-balanced confidence filter
+  (a generator recipe was measured and removed: RESULTS, "MAP without source data (issue 20)"). Models
   without BatchNorm get a clear error (the statistics are the only trace of the source data they keep).
 - `neighbour_domains`: "neighbour domains" made from pseudo-source images by strong style, colour and
   frequency perturbations (the data-free stand-in for an unknown target).
@@ -35,19 +35,18 @@ from ..errors import EdgeguardError
 from ..progress import progress
 from ..training import normalize
 
-RECIPES = ("deepinversion", "generator")
+RECIPES = ("deepinversion",)  # the generator recipe lost (fidelity 59.1 % against 93.9 %) and was removed
 
 
 @dataclass(frozen=True)
 class SynthesisConfig:
     """How the pseudo-source is made from the frozen model (MAP source-free and data-free)."""
 
-    recipe: str = param("deepinversion", "deepinversion: optimise the pixels of each batch; generator: train a "
-                        "generator against the frozen model, then sample it", choices=RECIPES)
+    recipe: str = param("deepinversion", "deepinversion: optimise the pixels of each batch", choices=RECIPES)
     n: int = param(1024, "pseudo-source images to keep")
-    batch_size: int = param(256, "images optimised (or generated) together")
-    iterations: int = param(200, "Adam steps per batch (deepinversion) or generator steps (generator)")
-    lr: float = param(0.1, "Adam learning rate on the pixels (deepinversion) or the generator (generator)")
+    batch_size: int = param(256, "images optimised together")
+    iterations: int = param(200, "Adam steps per batch")
+    lr: float = param(0.1, "Adam learning rate on the pixels")
     bn_weight: float = param(1.0, "weight of the BatchNorm-statistics match")
     first_bn_weight: float = param(10.0, "extra factor on the first BatchNorm layer's match (the colour and "
                                    "stroke statistics)")
@@ -57,8 +56,6 @@ class SynthesisConfig:
     jitter: int = param(2, "random translation (pixels, wrap-around) of the images at every step")
     flip: bool = param(False, "random horizontal flips at every step (for mirror-symmetric classes only)")
     lowres: float = param(0.5, "share of the iterations optimised at half resolution first (multi-resolution)")
-    adv_weight: float = param(0.0, "generator: weight of the disagreement with a student trained alongside")
-    balance_weight: float = param(0.0, "generator: weight of the class-balance entropy of each batch")
     oversample: float = param(1.0, "make this many times n and keep the most confident n/K per class")
     seed: int = param(0, "seed of the noise start and the sampled labels")
     init: str = param("auto", "start from noise, from the defender's target images, both (the two sets "
@@ -70,7 +67,7 @@ class SynthesisConfig:
         if min(self.n, self.batch_size, self.iterations) < 1 or not self.lr > 0:
             raise EdgeguardError("synth.n, synth.batch_size, synth.iterations and synth.lr must be positive")
         if min(self.bn_weight, self.first_bn_weight, self.ce_weight, self.tv_weight, self.l2_weight,
-               self.adv_weight, self.balance_weight, self.jitter) < 0:
+               self.jitter) < 0:
             raise EdgeguardError("synth weights and synth.jitter must be ≥ 0")
         if not 0 <= self.lowres < 1:
             raise EdgeguardError(f"synth.lowres is a share of the iterations in [0, 1), got {self.lowres}")
@@ -192,103 +189,6 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
     return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(np.int64)
 
 
-class Generator(nn.Module):
-    """Class-conditional DCGAN-style generator for 3×32×32 images in the models' normalised range."""
-
-    def __init__(self, num_classes: int, z_dim: int = 64, width: int = 16):
-        super().__init__()
-        self.z_dim, self.num_classes = z_dim, num_classes
-        self.embed = nn.Embedding(num_classes, z_dim)
-        self.fc = nn.Sequential(nn.Linear(z_dim, 2 * width * 8 * 8), nn.BatchNorm1d(2 * width * 8 * 8))
-        self.body = nn.Sequential(
-            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, 3, 3, padding=1), nn.Tanh())
-        self.width = width
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(z * self.embed(y)).view(len(z), 2 * self.width, 8, 8)
-        return self.body(h) / STD[0]  # tanh ∈ [-1, 1] → the normalised pixel range
-
-
-def synthesize_generator(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
-                         history: list | None = None, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A generator trained against the frozen model (DAFL / Fast-DFKD family: BN-statistics match, class-
-    conditional CE, a batch class-balance entropy, and disagreement with a student distilled alongside), then
-    sampled for `count` images with balanced labels."""
-    import copy
-
-    layers = _frozen(model)
-    dev = resolve_device(device)
-    model = model.to(dev)
-    count = count or cfg.n
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    g = Generator(num_classes).to(dev)
-    g_opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, cfg.iterations)
-    student = copy.deepcopy(model)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    with torch.no_grad():  # a fresh student of the same architecture, re-initialised
-        for m in student.modules():
-            if hasattr(m, "reset_parameters") and m is not student:
-                m.reset_parameters()
-    s_opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    hook = BNStatHook(layers, cfg.first_bn_weight)
-    T = 4.0
-    try:
-        for i in progress(range(cfg.iterations), desc="train generator", total=cfg.iterations):
-            z = torch.randn(cfg.batch_size, g.z_dim, generator=gen).to(dev)
-            y = _balanced_labels(cfg.batch_size, i, num_classes, gen).to(dev)
-            g.train()
-            x = g(z, y)
-            hook.pop()
-            logits = model(_perturb(x, cfg, gen))
-            bn = hook.pop()
-            loss = cfg.ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
-            if cfg.balance_weight:
-                p_mean = F.softmax(logits, 1).mean(0)
-                loss = loss + cfg.balance_weight * (p_mean * torch.log(p_mean + 1e-12)).sum()
-            if cfg.adv_weight:
-                student.eval()
-                s_logits = student(x)
-                disagree = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(logits / T, 1),
-                                    reduction="batchmean")
-                loss = loss - cfg.adv_weight * torch.clamp(disagree, max=5.0)
-            g_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            g_opt.step()
-            g_sched.step()
-            if cfg.adv_weight:  # the student catches up on the same images
-                student.train()
-                with torch.no_grad():
-                    xd = x.detach()
-                    t = model(xd)
-                hook.pop()
-                s_loss = F.kl_div(F.log_softmax(student(xd) / T, 1), F.softmax(t / T, 1),
-                                  reduction="batchmean")
-                hook.pop()
-                s_opt.zero_grad(set_to_none=True)
-                s_loss.backward()
-                s_opt.step()
-            if history is not None and (i % 20 == 0 or i == cfg.iterations - 1):
-                history.append({"iteration": i, "bn_distance": float(bn.detach()), "loss": float(loss.detach())})
-    finally:
-        hook.close()
-    g.eval()
-    xs, ys = [], []
-    with torch.no_grad():
-        for start in range(0, count, cfg.batch_size):
-            size = min(cfg.batch_size, count - start)
-            y = _balanced_labels(size, start, num_classes, gen).to(dev)
-            xs.append(_to_uint8(g(torch.randn(size, g.z_dim, generator=gen).to(dev), y)).cpu())
-            ys.append(y.cpu())
-    return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(np.int64)
-
-
 def keep_confident(model: nn.Module, x: np.ndarray, y: np.ndarray, n: int, num_classes: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced confidence filter: per class, the n/K images the frozen model is surest are that class."""
@@ -312,12 +212,7 @@ def synthesize(model: nn.Module, num_classes: int, cfg: SynthesisConfig = Synthe
     """Pseudo-source images (uint8 N×3×32×32) and the labels they were made for, by `cfg.recipe`."""
     cfg.validate()
     count = int(math.ceil(cfg.n * cfg.oversample)) if init_images is None else cfg.n
-    if cfg.recipe == "generator":
-        if init_images is not None:
-            raise EdgeguardError("synth.recipe=generator starts from noise; use synth.init=noise")
-        x, y = synthesize_generator(model, num_classes, cfg, device, history, count)
-    else:
-        x, y = synthesize_deepinversion(model, num_classes, cfg, device, history, init_images, count)
+    x, y = synthesize_deepinversion(model, num_classes, cfg, device, history, init_images, count)
     if len(x) > cfg.n:
         x, y = keep_confident(model, x, y, cfg.n, num_classes)
     return x, y
