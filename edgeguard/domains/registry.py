@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import cache
 from ..errors import EdgeguardError
 from . import formats
 from .base import DIGITS, Domain, fixed_shuffle, split_by_index, to_rgb32
@@ -47,7 +48,7 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path | None
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "domains"
+    return cache.cache_dir("domains")
 
 
 def _fingerprint(folder: Path) -> str:

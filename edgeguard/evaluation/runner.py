@@ -23,6 +23,7 @@ import numpy as np
 
 from runtime.fileio import atomic_write_text
 
+from .. import cache
 from ..artifact import Artifact, load_artifact
 from ..devices import cpu_bf16, resolve_device
 from ..domains import get_domain
@@ -136,7 +137,7 @@ def _key(d: dict) -> str:
 
 
 def _scratch_cache() -> Path:
-    return Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "scratch"
+    return cache.cache_dir("scratch")
 
 
 def _recipe_for_scratch(r: AttackRecipe) -> dict:

@@ -28,6 +28,7 @@ from torch import nn
 from runtime.fileio import atomic_path
 
 from ..bn_stats import BNStatHook, bn_distance, bn_layers  # noqa: F401  (bn_distance: re-exported)
+from ..cache import cache_dir as cache_root
 from ..config import param
 from ..devices import resolve_device
 from ..domains.base import MEAN, STD
@@ -229,7 +230,7 @@ def model_fingerprint(model: nn.Module) -> str:
 def cache_path(model: nn.Module, cfg: SynthesisConfig, init_images: np.ndarray | None = None,
                cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the pseudo-source of (model weights, recipe, init images) is kept."""
-    root = Path(cache_dir or Path(os.environ.get("EDGEGUARD_CACHE", Path.home() / ".cache" / "edgeguard")) / "synth")
+    root = Path(cache_dir) if cache_dir else cache_root("synth")
     init_key = hashlib.sha256(init_images.tobytes()).hexdigest()[:20] if init_images is not None else None
     key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg), "init_images": init_key},
                                     sort_keys=True).encode())
