@@ -48,15 +48,17 @@ def write_bundle_tar(bundle: Path, out: Path) -> None:
             tf.add(p, arcname=p.relative_to(bundle).as_posix(), recursive=False, filter=clean)
 
 
-def provides(bundle: Path, model_name: str, version: str) -> dict[str, str]:
-    """The artifact provides: model name and version, the manifest's sha256, method, verdict, robust SLC-AUC."""
+def provides(bundle: Path, model_name: str, version: str | None = None) -> dict[str, str]:
+    """The artifact provides: model name and version (default: the manifest's sha256, 12 digits), the
+    manifest's sha256, method, verdict, robust SLC-AUC."""
     raw = (bundle / "manifest.json").read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
     m = json.loads(raw)
     prot = m.get("protection") or {}
     slc = m.get("slc_auc") or {}
     robust = slc.get("robust-envelope") or (max(slc.values(), key=lambda e: e["slc_auc"]) if slc else None)
-    return {"edgeguard.model_name": model_name, "edgeguard.model_version": version,
-            "edgeguard.manifest_sha256": hashlib.sha256(raw).hexdigest(), "edgeguard.method": str(m.get("method")),
+    return {"edgeguard.model_name": model_name, "edgeguard.model_version": version or sha[:12],
+            "edgeguard.manifest_sha256": sha, "edgeguard.method": str(m.get("method")),
             "edgeguard.protection": str(prot.get("strength") or ("none" if not prot.get("protected") else "stated")),
             "edgeguard.robust_slc_auc": f"{robust['slc_auc']:+.3f}" if robust else "none"}
 
@@ -73,9 +75,8 @@ def write_mender_artifact(bundle: str | os.PathLike, out: str | os.PathLike, dev
         if not _NAME.match(name):
             raise ValueError(f"{name!r}: use letters, digits and . _ + - (device types and model names)")
     load_ota_key(key)
-    meta = provides(bundle, model_name, version or "")
-    version = version or meta["edgeguard.manifest_sha256"][:12]
-    meta["edgeguard.model_version"] = version
+    meta = provides(bundle, model_name, version)
+    version = meta["edgeguard.model_version"]
     if not _NAME.match(version):
         raise ValueError(f"--ota-version {version!r}: use letters, digits and . _ + -")
     name = f"{model_name}-{version}"

@@ -88,12 +88,17 @@ def test_loopback_fleet_install_commit_rollback_noop(fleet_files, keys, tmp_path
     assert devs[2].status() == before
 
 
-@needs_mender
-def test_tampered_artifact_and_failing_bundle_leave_the_running_bundle(fleet_files, keys, tmp_path):
+def _running_a(fleet_files, keys, tmp_path) -> tuple[ml.MenderDevice, dict]:
+    """A loopback device with bundle A installed and committed, and its store's status."""
     ml.prepare_host()
     d = ml.make_device(tmp_path / "dev", "edgeguard-loopback", fleet_files["ota_pub"], keys[0][1])
     assert d.install(fleet_files["A"]).returncode == 0 and d.commit().returncode == 0
-    good = d.status()
+    return d, d.status()
+
+
+@needs_mender
+def test_tampered_artifact_and_failing_bundle_leave_the_running_bundle(fleet_files, keys, tmp_path):
+    d, good = _running_a(fleet_files, keys, tmp_path)
 
     tampered = tmp_path / "tampered.mender"
     data = bytearray(fleet_files["B"].read_bytes())
@@ -114,14 +119,9 @@ def test_tampered_artifact_and_failing_bundle_leave_the_running_bundle(fleet_fil
 
 @needs_mender
 def test_kill_during_install_comes_back_on_the_old_bundle(fleet_files, keys, tmp_path):
-    ml.prepare_host()
-    d = ml.make_device(tmp_path / "dev", "edgeguard-loopback", fleet_files["ota_pub"], keys[0][1])
-    assert d.install(fleet_files["A"]).returncode == 0 and d.commit().returncode == 0
-    good = d.status()
-    cmd = ["mender", "--no-syslog", "--config", str(d.dir / "mender.conf"), "--fallback-config",
-           str(d.dir / "fallback.conf"), "--data", str(d.data), "install", str(fleet_files["B"])]
-    p = subprocess.Popen(cmd, env={**os.environ, "EDGEGUARD_DEVICE_ROOT": str(d.store)}, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d, good = _running_a(fleet_files, keys, tmp_path)
+    cmd, env = d.command("install", str(fleet_files["B"]))
+    p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and len(list((d.store / "bundles").iterdir())) < 2:  # B staged, validating
         time.sleep(0.002)

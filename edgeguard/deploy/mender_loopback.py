@@ -55,10 +55,14 @@ class MenderDevice:
     def data(self) -> Path:  # the Mender client's own state
         return self.dir / "mender"
 
-    def mender(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def command(self, *args: str) -> tuple[list[str], dict[str, str]]:
+        """The `mender` command line for this device and the environment that points the module at its store."""
         cmd = ["mender", "--no-syslog", "--config", str(self.dir / "mender.conf"), "--fallback-config",
                str(self.dir / "fallback.conf"), "--data", str(self.data), *args]
-        env = {**os.environ, "EDGEGUARD_DEVICE_ROOT": str(self.store)}
+        return cmd, {**os.environ, "EDGEGUARD_DEVICE_ROOT": str(self.store)}
+
+    def mender(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        cmd, env = self.command(*args)
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
     def install(self, artifact: str | os.PathLike) -> subprocess.CompletedProcess:
