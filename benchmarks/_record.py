@@ -7,7 +7,7 @@ import platform
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"  # EDGEGUARD_RESULTS: elsewhere (gpu_session --dry-run)
 
 
 def machine() -> str:
@@ -26,6 +26,6 @@ def record(section: str, lines: list[str]) -> None:
     cmd = "python " + " ".join(sys.argv)
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     text = f"\n### {section} ({stamp})\n\nMachine: {machine()}. Command: `{cmd}`\n\n" + "\n".join(lines) + "\n"
-    with open(RESULTS, "a") as f:
+    with open(os.environ.get("EDGEGUARD_RESULTS") or RESULTS, "a") as f:
         f.write(text)
     print(text)

@@ -18,21 +18,25 @@ from pathlib import Path
 
 from _record import record
 
-from edgeguard.evaluation.attack import AttackRecipe
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
-from edgeguard.evaluation.slc_auc import DEFAULT_GRID
+from edgeguard.evaluation.slc_auc import parse_grid
+from edgeguard.finetune import AttackRecipe
 
 REPO = Path(__file__).resolve().parent.parent
 
 _BASELINE = """
 import json, sys, time
-from edgeguard.evaluation.attack import AttackRecipe
+try:
+    from edgeguard.finetune import AttackRecipe
+except ImportError:  # a commit from before the finetune package
+    from edgeguard.evaluation.attack import AttackRecipe
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import DEFAULT_GRID
 cfg = EvalConfig(target=sys.argv[2], attacks=[AttackRecipe(epochs=int(sys.argv[3]))], grid=DEFAULT_GRID,
                  device=sys.argv[4])
 t = time.perf_counter()
 res = evaluate_model(sys.argv[1], cfg, sys.argv[5])
+res = res if isinstance(res, dict) else res.to_dict()
 print(json.dumps({"wall": time.perf_counter() - t, "slc": res["attacks"][0]["slc_auc"][0], "device": res["device"]}))
 """
 
@@ -59,10 +63,12 @@ def main() -> None:
     ap.add_argument("--baseline-ref", default=None, help="git commit of the sequential path to compare with")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--grid", default=None, help="ratios (default: the default grid)")
     ap.add_argument("--variants", nargs="+", default=["processes", "stacked-fp32", "stacked"])
     a = ap.parse_args()
     rows = ["| variant | model | target | grid | device | wall s | speed-up | SLC-AUC |", "|---|---|---|---|---|---|---|---|"]
-    grid = f"10 ratios, protected + scratch, 1 seed, {a.epochs} ep"
+    ratios = parse_grid(a.grid)
+    grid = f"{len(ratios)} ratios, protected + scratch, 1 seed, {a.epochs} ep"
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -76,10 +82,10 @@ def main() -> None:
             os.environ["EDGEGUARD_CACHE"] = str(tmp / f"cache_{v}")
             kw = {"processes": dict(executor="processes", workers=2, max_stack=1),
                   "stacked-fp32": dict(precision="fp32"), "stacked": {}}[v]
-            cfg = EvalConfig(target=a.target, attacks=[AttackRecipe(epochs=a.epochs)], grid=DEFAULT_GRID,
+            cfg = EvalConfig(target=a.target, attacks=[AttackRecipe(epochs=a.epochs)], grid=ratios,
                              device=a.device, **kw)
             t = time.perf_counter()
-            res = evaluate_model(a.model, cfg, tmp / f"rep_{v}")
+            res = evaluate_model(a.model, cfg, tmp / f"rep_{v}").to_dict()
             wall = time.perf_counter() - t
             base = base or wall
             eng = res["engine"]

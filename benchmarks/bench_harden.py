@@ -29,14 +29,15 @@ FIELDS = ["model", "input_method", "weight", "source_model_acc", "source_acc", "
           "robust_slc_auc", "robust_winners", "harden_seconds", "settings"]
 
 
-def judge(path: Path, target: str, grid, device: str, reports: Path) -> dict:
-    suite = get_suite("robust")
+def judge(path: Path, target: str, grid, device: str, reports: Path, suite_name: str = "robust") -> dict:
+    suite = get_suite(suite_name)
     cfg = EvalConfig(target=target, attacks=list(suite.recipes), grid=grid, device=device, suite=suite.name)
-    res = evaluate_model(path, cfg, reports / f"robust_{path.stem}")
+    res = evaluate_model(path, cfg, reports / f"robust_{path.stem}").to_dict()
     paper = next(e["slc_auc"][0] for e in res["attacks"] if e["attack"] == "paper")
+    suite_res = res["suite"] or {"robust_slc_auc": [paper], "protected_winner": ["paper"]}  # a one-recipe suite
     return {"source_acc": res["source_accuracy"], "paper_slc_auc": paper,
-            "robust_slc_auc": res["suite"]["robust_slc_auc"][0],
-            "robust_winners": " ".join(res["suite"]["protected_winner"])}
+            "robust_slc_auc": suite_res["robust_slc_auc"][0],
+            "robust_winners": " ".join(suite_res["protected_winner"])}
 
 
 def _changed(config: dict) -> dict:
@@ -90,6 +91,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reports", default=str(HERE.parent / "runs"))
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--suite", default="robust", help="the suite that judges each file")
+    ap.add_argument("--csv", default=str(CSV), help="the frontier table to update")
     ap.add_argument("--tag", default="", help="suffix of the hardened files' names (several settings per weight)")
     a = ap.parse_args()
     grid, reports = parse_grid(a.grid), Path(a.reports)
@@ -108,7 +111,7 @@ def main() -> None:
                     protect("harden", model, out, target=a.target,
                             overrides=[f"suppress_weight={w}", *a.overrides], device=a.device, resume=True)
                 secs = float(read_card(out).protection["seconds"])
-            j = judge(out, a.target, grid, a.device, reports)
+            j = judge(out, a.target, grid, a.device, reports, a.suite)
             drop = (ref - j["source_acc"]) * 100 if ref is not None else float("nan")
             row = {"model": out.name, "input_method": card.method, "weight": w,
                    "source_model_acc": ref, "harden_seconds": round(secs, 1), "source_drop": round(drop, 2),
@@ -119,9 +122,10 @@ def main() -> None:
                          f"{secs:.0f} |")
             print(table[-1], flush=True)
     if new:
-        old = list(csv.DictReader(CSV.open())) if CSV.exists() else []
+        csv_path = Path(a.csv)
+        old = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
         keep = [r for r in old if r["model"] not in {n["model"] for n in new}]
-        with CSV.open("w", newline="") as f:
+        with csv_path.open("w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=FIELDS)
             wr.writeheader()
             wr.writerows(keep + new)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from _record import record
 
-from edgeguard.evaluation.attack import parse_attack
 from edgeguard.evaluation.metrics import direct_metrics, mean_std
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import parse_grid
 from edgeguard.evaluation.suites import get_suite, with_recipes
+from edgeguard.finetune import parse_attack
 from edgeguard.protect import protect
 
 
@@ -71,7 +71,7 @@ def main() -> None:
             cfg = EvalConfig(target=a.target, attacks=recipes, grid=parse_grid(a.grid), seeds=1, device=a.device,
                              workers=a.workers, executor=a.executor, suite=suite.name if suite else None,
                              search_trials=suite.trials if suite else 0)
-            res = evaluate_model(out, cfg, out.with_suffix(".report"))
+            res = evaluate_model(out, cfg, out.with_suffix(".report")).to_dict()
             slc = " | ".join(f"{e['slc_auc'][0]:+.2f}" for e in res["attacks"][:len(attacks)])
             if res.get("suite"):
                 slc += f" | robust {res['suite']['robust_slc_auc'][0]:+.2f}"

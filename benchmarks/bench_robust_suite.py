@@ -41,7 +41,7 @@ def main() -> None:
         cfg = EvalConfig(target=a.target, attacks=list(suite.recipes), grid=parse_grid(a.grid), seeds=a.seeds,
                          device=a.device, executor=a.executor, workers=a.workers, suite=suite.name,
                          search_trials=suite.trials)
-        res = evaluate_model(model, cfg, rep)
+        res = evaluate_model(model, cfg, rep).to_dict()
         s = res["suite"]
         per = s["per_recipe_slc_auc"]
         paper = next((e["slc_auc"] for e in res["attacks"] if e["attack"] == "paper"), None)

@@ -1,10 +1,12 @@
-"""BatchNorm feature statistics: how far a batch's per-layer statistics are from a model's running ones.
-DeepInversion's prior (methods/synthesis.py) and the pseudo-source fidelity check (evaluation/fidelity.py)
-both measure it, so it lives below both."""
+"""BatchNorm statistics, below methods and evaluation alike: their re-estimation (the attacker's move, the
+hardening's and NTP's recalibration before shipping) and how far a batch's per-layer statistics are from a
+model's running ones (DeepInversion's prior, the pseudo-source fidelity check)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .training import TensorData, normalize
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -50,3 +52,34 @@ def bn_distance(model: nn.Module, x_normalised: torch.Tensor) -> float:
         return float(hook.pop())
     finally:
         hook.close()
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128, max_batches: int | None = None,
+                  shuffle_seed: int | None = None) -> None:
+    """Replace every BatchNorm's running statistics by their cumulative average over train-mode forward passes
+    on `data` (uint8 images; no gradient), in order or shuffled by `shuffle_seed`, at most `max_batches`
+    batches; a one-image batch is skipped (its variance is undefined). The model's mode is restored."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or len(data) == 0:
+        return
+    device = next(model.parameters()).device
+    was = model.training
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the passes
+    model.train()
+    order = None
+    if shuffle_seed is not None:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
+    for i, start in enumerate(range(0, len(data), batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        xb = data.x[start : start + batch_size] if order is None else data.x[order[start : start + batch_size]
+                                                                                .to(data.x.device)]
+        if len(xb) > 1:
+            model(normalize(xb.to(device)))
+    for bn, mom in zip(bns, saved):
+        bn.momentum = mom
+    model.train(was)

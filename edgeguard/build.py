@@ -136,12 +136,11 @@ def _check_input_spec(card, model_file) -> None:
 
 
 def _read_report(report) -> dict:
+    from .evaluation.result import EvalResult
+
     rp = Path(report) / "report.json" if Path(report).is_dir() else Path(report)
     try:
-        r = json.loads(rp.read_text())
-        slc = {e["attack"]: {"slc_auc": e["slc_auc"][0], "target": r["target"]} for e in r["attacks"]}
-        if isinstance(r.get("suite"), dict) and "robust_slc_auc" in r["suite"]:
-            slc["robust-envelope"] = {"slc_auc": r["suite"]["robust_slc_auc"][0], "target": r["target"]}
-        return slc
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+        r = EvalResult.from_dict(json.loads(rp.read_text()))
+    except (OSError, json.JSONDecodeError, EdgeguardError) as e:
         raise EdgeguardError(f"--report {report}: not an edgeguard evaluation report ({e})") from None
+    return {name: {"slc_auc": v, "target": r.target} for name, v in r.slc_aucs().items()}

@@ -222,11 +222,11 @@ def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, 
                  batch_size, max_train, max_test, executor, workers, max_stack, precision, ray_address,
                  cpus_per_task, class_map, data_root, device, as_json) -> None:
     """Fine-tune the model on growing target subsets and compare with training from scratch (SLC-AUC)."""
-    from .evaluation.attack import parse_attack
     from .evaluation.report import verdict
     from .evaluation.runner import EvalConfig, evaluate_model
     from .evaluation.slc_auc import parse_grid
     from .evaluation.suites import get_suite, with_recipes
+    from .finetune import parse_attack
     from .paths import ensure_writable
 
     ensure_writable(report_dir, "--report", folder=True)
@@ -245,15 +245,15 @@ def evaluate_cmd(file, target, attacks, suite, trials, grid, seeds, report_dir, 
     if not cfg.attacks and not cfg.search_trials:
         raise click.UsageError("nothing to run: give --attack or a --suite with recipes")
     res = evaluate_model(file, cfg, report_dir, unprotected=unprotected)
-    _say(as_json, f"{res['engine']['chosen']}, {res['engine']['stacks']} stacks, {res['wall_seconds']:.0f} s")
-    for e in res["attacks"]:
-        m, s = e["slc_auc"]
-        extra = f" (unprotected {e['unprotected_slc_auc'][0]:+.3f})" if "unprotected_slc_auc" in e else ""
-        _say(as_json, f"{e['attack']:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
+    _say(as_json, f"{res.engine['chosen']}, {res.engine['stacks']} stacks, {res.wall_seconds:.0f} s")
+    for e in res.attacks:
+        m, s = e.slc_auc
+        extra = f" (unprotected {e.unprotected_slc_auc[0]:+.3f})" if e.unprotected_slc_auc is not None else ""
+        _say(as_json, f"{e.attack:<22} SLC-AUC {m:+.3f} ± {s:.3f}{extra}")
     _say(as_json, f"verdict: {verdict(res)}")
     _say(as_json, f"report: {Path(report_dir) / 'report.md'}")
     if as_json:
-        _emit_json({**res, "report": str(Path(report_dir) / "report.md")})
+        _emit_json({**res.to_dict(), "report": str(Path(report_dir) / "report.md")})
 
 
 def _method_help(name: str) -> str:
@@ -293,23 +293,20 @@ def _print_method_config(ctx, param, value) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Any setting of the method, e.g. --set epochs=4 --set synth.n=512 (see --help-config).")
 @click.option("--seed", type=int, default=None, help="Seed of the method (default: its config's, 0).")
-@click.option("--harden", is_flag=True,
-              help="Then harden the result against a distribution of fine-tuning attacks (`edgeguard harden`); "
-                   "the unhardened model is kept as OUT's stem + .base.safetensors.")
-@click.option("--harden-set", "harden_overrides", multiple=True, metavar="KEY=VALUE",
-              help="A setting of the hardening (see `edgeguard methods harden`).")
+@click.option("--then", "then", multiple=True, metavar="METHOD",
+              help="Then refine the result with this method (e.g. --then harden; repeatable); its settings are "
+                   "--set METHOD.KEY=VALUE. Each stage but the last is kept as OUT's stem + .METHOD.safetensors.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written as the method runs).")
 @allow_weak_option
 @class_map_option
 @data_root_option
 @device_option
 @json_option
-def protect(method, source_model, target, out, setting, config_file, overrides, seed, harden, harden_overrides,
-            resume, allow_weak, class_map, data_root, device, as_json) -> None:
-    """Protect a source model against reuse on an unauthorised domain."""
+def protect(method, source_model, target, out, setting, config_file, overrides, seed, then, resume, allow_weak,
+            class_map, data_root, device, as_json) -> None:
+    """Protect a source model against reuse on an unauthorised domain (then refine it: --then METHOD)."""
     from .paths import ensure_writable
-    from .protect import protect as run_protect
-    from .protect import protect_hardened, read_config_file
+    from .protect import read_config_file
 
     ensure_writable(out, "--out")
     if method is None:
@@ -323,20 +320,20 @@ def protect(method, source_model, target, out, setting, config_file, overrides, 
         extra.append(f"setting={setting}")
     if seed is not None:
         extra.append(f"seed={seed}")
-    if harden_overrides and not harden:
-        raise EdgeguardError("--harden-set needs --harden")
-    if harden:
-        if method == "harden":
-            raise EdgeguardError("--method harden already hardens; drop --harden (or use `edgeguard harden`)")
-        first, r = protect_hardened(method, source_model, out, target=target, overrides=[*extra, *overrides],
-                                    harden_overrides=harden_overrides, config_file=config_file,
-                                    data_root=data_root, device=device, resume=resume, class_map=class_map)
-        _say(as_json, first.line())
-    else:
-        r = run_protect(method, source_model, out, target=target, overrides=[*extra, *overrides],
-                        config_file=config_file, data_root=data_root, device=device, resume=resume,
-                        class_map=class_map)
-    _finish_protect(r, as_json, allow_weak)
+    _run_chain([method, *then], source_model, out, target, [*extra, *overrides], config_file, resume, allow_weak,
+               class_map, data_root, device, as_json)
+
+
+def _run_chain(methods, model, out, target, overrides, config_file, resume, allow_weak, class_map, data_root,
+               device, as_json) -> None:
+    """The one door for protecting and refining: `protect --then` and the `harden` shortcut both come here."""
+    from .protect import protect_chain
+
+    summaries = protect_chain(methods, model, out, target=target, overrides=overrides, config_file=config_file,
+                              data_root=data_root, device=device, resume=resume, class_map=class_map)
+    for r in summaries[:-1]:
+        _say(as_json, r.line())
+    _finish_protect(summaries[-1], as_json, allow_weak)
 
 
 def _finish_protect(r, as_json: bool, allow_weak: bool) -> None:
@@ -365,15 +362,14 @@ def _finish_protect(r, as_json: bool, allow_weak: bool) -> None:
 @device_option
 @json_option
 def harden(model, target, out, overrides, seed, resume, allow_weak, class_map, data_root, device, as_json) -> None:
-    """Harden a model (a source model, or NTP's / MAP's output) against a distribution of fine-tuning attacks."""
+    """Harden a model (a source model, or NTP's / MAP's output) against a distribution of fine-tuning attacks.
+    The same as `protect --method harden --source-model MODEL`."""
     from .paths import ensure_writable
-    from .protect import protect as run_protect
 
     ensure_writable(out, "--out")
     extra = [f"seed={seed}"] if seed is not None else []
-    r = run_protect("harden", model, out, target=target, overrides=[*extra, *overrides], data_root=data_root,
-                    device=device, resume=resume, class_map=class_map)
-    _finish_protect(r, as_json, allow_weak)
+    _run_chain(["harden"], model, out, target, [*extra, *overrides], None, resume, allow_weak, class_map,
+               data_root, device, as_json)
 
 
 @main.command("methods")
@@ -628,20 +624,31 @@ def models() -> None:
 @click.option("--out", default="edgeguard-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's models and report.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Source training epochs.")
-@click.option("--method", type=click.Choice(["map", "ntp"]), default="map", show_default=True,
-              help="Protection method the demo runs.")
-@click.option("--harden", is_flag=True, help="Harden the protected model against a distribution of attacks too.")
+@click.option("--method", default="map", show_default=True, callback=lambda c, p, v: _known_method(v),
+              help="Protection method the demo runs (any of `edgeguard methods`).")
+@click.option("--then", "then", multiple=True, metavar="METHOD",
+              callback=lambda c, p, v: tuple(_known_method(m) for m in v),
+              help="Then refine the protected model with this method (e.g. --then harden).")
 @device_option
-def demo(out, epochs, method, harden, device) -> None:
+def demo(out, epochs, method, then, device) -> None:
     """Run the whole chain on the embedded digit sample (CPU, a few minutes)."""
     from .demo import run_demo
     from .paths import ensure_writable
 
     ensure_writable(out, "--out", folder=True)
-    r = run_demo(Path(out), epochs=epochs, method=method, device=device, harden=harden, echo=click.echo)
+    r = run_demo(Path(out), epochs=epochs, method=method, then=list(then), device=device, echo=click.echo)
     if r["validate_exit_code"]:
         sys.exit(r["validate_exit_code"])
 
+
+def _known_method(name: str) -> str:
+    """A registered method's name, or a usage error listing them (`list_methods()`: one registry)."""
+    from .methods import list_methods
+
+    names = [m.name for m in list_methods()]
+    if name not in names:
+        raise click.BadParameter(f"{name!r} is not a method; use one of {', '.join(names)}")
+    return name
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,16 @@ from .source import train_source
 
 SOURCE, TARGET = "mnist_sample", "usps_sample"
 # Each method's settings for the embedded sample (2,000 images per domain): small enough for a CPU in minutes.
-DEMO_SETTINGS = {"map": ["epochs=10"], "ntp": ["source_fraction=0.5", "target_fraction=0.5", "iterations=10"]}
-DEMO_HARDEN = ["source_fraction=0.5", "target_fraction=0.5", "outer_steps=40", "eval_every=10", "attacks=2"]
+DEMO_SETTINGS = {"map": ["epochs=10"], "ntp": ["source_fraction=0.5", "target_fraction=0.5", "iterations=10"],
+                 "harden": ["source_fraction=0.5", "target_fraction=0.5", "outer_steps=40", "eval_every=10",
+                            "attacks=2"]}
 
 
-def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = "auto", harden: bool = False,
-             echo: Callable[[str], None] = print) -> dict:
-    from .evaluation.attack import AttackRecipe
+def run_demo(out: Path, *, epochs: int = 10, method: str = "map", then: list[str] | None = None,
+             device: str = "auto", echo: Callable[[str], None] = print) -> dict:
     from .evaluation.runner import EvalConfig, evaluate_model
+    from .finetune import AttackRecipe
+    from .protect import protect_chain
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -31,18 +33,14 @@ def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = 
     echo(f"      source test accuracy {src['test_accuracy'] * 100:.1f}% ({src['seconds']:.0f} s)")
     summary["source"] = src
 
-    prot = out / f"protected_{method}{'_hardened' if harden else ''}.safetensors"
-    echo(f"[2/5] protect it against {TARGET} with {method.upper()}" + (", then harden it" if harden else ""))
-    from .protect import protect, protect_hardened
-
-    if harden:
-        base, r = protect_hardened(method, out / "source.safetensors", prot, target=TARGET,
-                                   overrides=DEMO_SETTINGS.get(method, []), harden_overrides=DEMO_HARDEN,
-                                   device=device)
-        echo(f"      {base.line()}")
-    else:
-        r = protect(method, out / "source.safetensors", prot, target=TARGET,
-                    overrides=DEMO_SETTINGS.get(method, []), device=device)
+    chain = [method, *(then or [])]
+    prot = out / f"protected_{'_'.join(chain)}.safetensors"
+    echo(f"[2/5] protect it against {TARGET} with {' then '.join(m.upper() for m in chain)}")
+    settings = [f"{m}.{kv}" for m in chain for kv in DEMO_SETTINGS.get(m, [])]
+    *stages, r = protect_chain(chain, out / "source.safetensors", prot, target=TARGET, overrides=settings,
+                               device=device)
+    for stage in stages:
+        echo(f"      {stage.line()}")
     s, t = r.source, r.accuracy(TARGET)
     echo(f"      source {s.before * 100:.1f}% → {s.after * 100:.1f}%, target {t.before * 100:.1f}% → "
          f"{t.after * 100:.1f}%, sparsity {r.sparsity * 100:.1f}% ({r.seconds:.0f} s)")
@@ -52,10 +50,10 @@ def run_demo(out: Path, *, epochs: int = 10, method: str = "map", device: str = 
     cfg = EvalConfig(target=TARGET, attacks=[AttackRecipe(lr=1e-3, epochs=10, batch_size=64)],
                      grid=(0.01, 0.05, 0.2, 1.0), device=device)
     res = evaluate_model(prot, cfg, out / "report", unprotected=out / "source.safetensors")
-    e = res["attacks"][0]
-    echo(f"      SLC-AUC {e['slc_auc'][0]:+.2f} (unprotected {e['unprotected_slc_auc'][0]:+.2f}; below 0 = worse "
+    e = res.attacks[0]
+    echo(f"      SLC-AUC {e.slc_auc[0]:+.2f} (unprotected {e.unprotected_slc_auc[0]:+.2f}; below 0 = worse "
          f"than training from scratch)")
-    summary["evaluate"] = {"slc_auc": e["slc_auc"][0], "unprotected_slc_auc": e["unprotected_slc_auc"][0]}
+    summary["evaluate"] = {"slc_auc": e.slc_auc[0], "unprotected_slc_auc": e.unprotected_slc_auc[0]}
 
     echo("[4/5] build a signed deployment bundle (ONNX, mask baked in)")
     from converters.signing import generate_keypair

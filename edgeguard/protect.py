@@ -200,25 +200,56 @@ def _strength(method: str, card, target: str | None, accs: list[DomainAccuracy],
     return direct_use(method, target, before, after, card.num_classes)
 
 
-def protect_hardened(method: str, source_model: str | os.PathLike, out: str | os.PathLike, *,
-                     target: str | None = None, overrides=(), harden_overrides=(), config_file=None,
-                     data_root: str | None = None, device: str = "auto", resume: bool = False, class_map=None
-                     ) -> tuple[ProtectSummary, ProtectSummary]:
-    """`protect --harden`: the method writes OUT's stem + `.base.safetensors`, harden refines it into OUT.
-    With `resume`, a finished base file is reused and the hardening continues from its checkpoints."""
+def split_overrides(methods: list[str], overrides) -> list[list[str]]:
+    """`--set KEY=V` goes to the first method, `--set METHOD.KEY=V` to that method of the chain (a method named
+    twice, or a prefix naming none of the chain, is an error naming the fix)."""
+    if len(set(methods)) != len(methods):
+        raise EdgeguardError(f"a method appears twice in the chain {' → '.join(methods)}")
+    out: list[list[str]] = [[] for _ in methods]
+    for o in overrides:
+        head, dot, rest = o.partition(".")
+        if dot and head in methods and "=" in rest and "=" not in head:
+            out[methods.index(head)].append(rest)
+        elif dot and "=" not in head and head in _method_names() and head not in methods:
+            raise EdgeguardError(f"--set {o}: {head} is not in this chain ({' → '.join(methods)}); add --then {head}")
+        else:
+            out[0].append(o)
+    return out
+
+
+def _method_names() -> set[str]:
+    from .methods import list_methods
+
+    return {m.name for m in list_methods()}
+
+
+def protect_chain(methods: list[str], source_model: str | os.PathLike, out: str | os.PathLike, *,
+                  target: str | None = None, overrides=(), config_file=None, data_root: str | None = None,
+                  device: str = "auto", resume: bool = False, class_map=None) -> list[ProtectSummary]:
+    """`protect --method A --then B …`: A protects the source model, each refining method after it refines the
+    previous file; every stage but the last writes OUT's stem + `.<method>.safetensors`. With `resume`, a
+    finished stage's file is reused and the running stage continues from its checkpoints."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise EdgeguardError(f"--out {out}: the model file must end in .safetensors")
-    make_config("harden", None, harden_overrides)  # bad harden settings fail before the first stage runs
-    base = out.with_name(out.stem + ".base.safetensors")
-    if resume and base.exists() and not base.with_name(base.name + ".ckpt").exists():
-        first = _summary_of(base)
-    else:
-        first = protect(method, source_model, base, target=target, overrides=overrides, config_file=config_file,
-                        data_root=data_root, device=device, resume=resume, class_map=class_map)
-    second = protect("harden", base, out, target=target, overrides=harden_overrides, data_root=data_root,
-                     device=device, resume=resume, class_map=class_map)
-    return first, second
+    for later in methods[1:]:
+        if not get_method(later).refines:
+            refining = ", ".join(m for m in sorted(_method_names()) if get_method(m).refines)
+            raise EdgeguardError(f"--then {later}: only a refining method ({refining}) can follow another")
+    per = split_overrides(methods, overrides)
+    for m, o in zip(methods, per):
+        make_config(m, None, o, config_file if m == methods[0] else None)  # bad settings fail before stage 1
+    summaries, previous = [], Path(source_model)
+    for i, method in enumerate(methods):
+        dest = out if i == len(methods) - 1 else out.with_name(f"{out.stem}.{method}.safetensors")
+        if resume and i < len(methods) - 1 and dest.exists() and not dest.with_name(dest.name + ".ckpt").exists():
+            summaries.append(_summary_of(dest))
+        else:
+            summaries.append(protect(method, previous, dest, target=target, overrides=per[i],
+                                     config_file=config_file if i == 0 else None, data_root=data_root,
+                                     device=device, resume=resume, class_map=class_map))
+        previous = dest
+    return summaries
 
 
 def _summary_of(path: Path) -> ProtectSummary:

@@ -220,12 +220,15 @@ def run_loop(
     resume: bool = False,
     desc: str = "train",
     steps_per_epoch: int | None = None,
+    observe: Callable[[int], None] | None = None,
 ) -> LoopState:
     """Run `cfg.epochs` epochs of `step` over `batches(epoch, generator)`, optimising `params`.
 
     `modules` are saved in the per-epoch checkpoint (with the optimiser) and restored on `resume`.
     `before_step` runs after backward, before the optimiser step (e.g. mask gradients);
-    `after_step` after it (e.g. re-zero pruned weights).
+    `after_step` after it (e.g. re-zero pruned weights). `observe(t)` sees the weights before step t and,
+    with t = the number of steps, after the last (the hardening takes its gradients there). An empty `desc`
+    draws no progress and logs nothing (runs inside another loop's bar).
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -240,14 +243,18 @@ def run_loop(
         state = load_checkpoint(ckpt, modules, opt, sched, cfg)
         state.resumed_at = state.epoch
         log.info("resumed %s at epoch %d", ckpt, state.epoch)
+    taken = 0  # optimizer steps taken by this call
     for epoch in range(state.epoch, cfg.epochs):
         for m in modules.values():
             m.train()
         gen = epoch_generator(cfg.seed, epoch, device)
         sums: dict[str, float] = {}
         count = 0
-        bar = progress(batches(epoch, gen), desc=f"{desc} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch)
+        bar = (progress(batches(epoch, gen), desc=f"{desc} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch)
+               if desc else batches(epoch, gen))
         for batch in bar:
+            if observe:
+                observe(taken)
             with autocast(device, cfg.amp, cfg.cpu_bf16):
                 loss, metrics = step(batch)
             if not torch.isfinite(loss):
@@ -263,6 +270,7 @@ def run_loop(
             if after_step:
                 after_step()
             count += 1
+            taken += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if hasattr(bar, "set_postfix") and count % 10 == 0:
@@ -272,9 +280,12 @@ def run_loop(
             row.update(end_of_epoch(epoch))
         state.history.append(row)
         state.epoch = epoch + 1
-        log.info("%s epoch %d: %s", desc, epoch + 1, json.dumps(row))
+        if desc:
+            log.info("%s epoch %d: %s", desc, epoch + 1, json.dumps(row))
         if ckpt is not None:
             save_checkpoint(ckpt, modules, opt, sched, state, cfg)
+    if observe:
+        observe(taken)
     return state
 
 
@@ -388,12 +399,16 @@ def train_classifier(
     resume: bool = False,
     desc: str = "train",
     train_modules: dict[str, nn.Module] | None = None,
+    batches: Callable[[int, torch.Generator], Iterator[TensorData]] | None = None,
+    steps_per_epoch: int | None = None,
+    observe: Callable[[int], None] | None = None,
 ) -> LoopState:
     """Supervised cross-entropy training of `model` (or only `params`) on `train`.
 
     With `mask` (a MaskSet), pruned weights get no gradient and are re-zeroed after every step.
     `train_modules` are the modules put in train mode and checkpointed (default: the whole model); the
-    rest stays in eval mode (a linear probe keeps the frozen encoder's BatchNorm statistics).
+    rest stays in eval mode (a linear probe keeps the frozen encoder's BatchNorm statistics). `batches(epoch,
+    generator)` replaces the shuffled pass over `train` (with its `steps_per_epoch`); `observe`: `run_loop`.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -403,10 +418,11 @@ def train_classifier(
     if len(train) == 0:
         raise EdgeguardError("the training set is empty")
     mask_dev = mask.to(device) if mask is not None else None
-    steps = math.ceil(len(train) / cfg.batch_size)
+    steps = steps_per_epoch or math.ceil(len(train) / cfg.batch_size)
+    draw = batches or (lambda epoch, gen: iterate_batches(train, cfg.batch_size, gen))
 
-    def batches(epoch: int, gen: torch.Generator):
-        return ((b, gen) for b in iterate_batches(train, cfg.batch_size, gen))
+    def items(epoch: int, gen: torch.Generator):
+        return ((b, gen) for b in draw(epoch, gen))
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         return {"val_acc": evaluate(model, val)} if val is not None else {}
@@ -419,7 +435,7 @@ def train_classifier(
         train_modules if train_modules is not None else {"model": model},
         params if params is not None else model.parameters(),
         cfg,
-        batches,
+        items,
         classification_step(model, cfg),
         before_step=(lambda: mask_dev.mask_grads_(model)) if mask_dev is not None else None,
         after_step=(lambda: mask_dev.zero_masked_(model)) if mask_dev is not None else None,
@@ -428,30 +444,8 @@ def train_classifier(
         resume=resume,
         desc=desc,
         steps_per_epoch=steps,
+        observe=observe,
     )
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128) -> None:
-    """Replace every BatchNorm's running statistics by their average over `data` (train-mode forward passes,
-    no gradient): what an attacker does to undo statistics that were tampered with."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or len(data) == 0:
-        return
-    device = next(model.parameters()).device
-    was = model.training
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over the passes
-    model.train()
-    for start in range(0, len(data), batch_size):
-        xb = data.x[start : start + batch_size].to(device)
-        if len(xb) > 1:
-            model(normalize(xb))
-    for bn, mom in zip(bns, saved):
-        bn.momentum = mom
-    model.train(was)
 
 
 def seed_everything(seed: int) -> None:

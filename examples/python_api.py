@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from edgeguard.build import build
-from edgeguard.evaluation.attack import AttackRecipe
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
+from edgeguard.finetune import AttackRecipe
 from edgeguard.methods.map import MapConfig
 from edgeguard.protect import protect
 from edgeguard.source import train_source
@@ -17,5 +17,5 @@ print(summary.line())
 res = evaluate_model(out / "map.safetensors",
                      EvalConfig(target="usps_sample", attacks=[AttackRecipe(lr=1e-3, epochs=10)], grid=(0.01, 0.1, 1.0)),
                      out / "report", unprotected=out / "source.safetensors")
-print("SLC-AUC", res["attacks"][0]["slc_auc"])
+print("SLC-AUC", res.attacks[0].slc_auc)
 print(build(out / "map.safetensors", out / "bundle", target="cpu"))

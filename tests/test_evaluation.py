@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from edgeguard.artifact import load_artifact, save_artifact
-from edgeguard.evaluation.attack import AttackRecipe, parse_attack, stratified_subset
+from edgeguard.evaluation.plan import stratified_subset
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import curve_auc, slc_auc
+from edgeguard.finetune import AttackRecipe, parse_attack
 from edgeguard.masks import MaskSet
 
 FAST = dict(lr=1e-3, epochs=8, batch_size=64)
@@ -52,8 +53,8 @@ def test_parse_attack_names():
 
 def test_transfer_beats_scratch(mnist_model, tmp_path):
     res = evaluate_model(mnist_model, _cfg(), tmp_path / "rep")
-    assert res["attacks"][0]["slc_auc"][0] > 0
-    name = res["attacks"][0]["attack"]
+    assert res.attacks[0].slc_auc[0] > 0
+    name = res.attacks[0].attack
     assert name == "direct-all/masked adam lr=0.001 8ep bs=64"  # settings off NTP's recipe are in the name
     png = "attack_direct-all_masked_adam_lr_0.001_8ep_bs_64.png"
     assert (tmp_path / "rep" / png).stat().st_size > 10_000 and f"({png})" in (tmp_path / "rep" / "report.md").read_text()
@@ -73,29 +74,29 @@ def zeroed_model(mnist_model, tmp_path_factory):
 
 def test_fully_masked_model_is_far_below_scratch_and_stays_zero(zeroed_model, tmp_path):
     res = evaluate_model(zeroed_model, _cfg(), tmp_path / "rep")
-    e = res["attacks"][0]
-    assert e["slc_auc"][0] < -0.5
-    assert all(n == 0 for n in e["regrown_weights"])
+    e = res.attacks[0]
+    assert e.slc_auc[0] < -0.5
+    assert all(n == 0 for n in e.regrown_weights)
 
 
 def test_free_attack_regrows_pruned_weights(zeroed_model, tmp_path):
     res = evaluate_model(zeroed_model, _cfg(attacks=[AttackRecipe(pruned="free", **FAST)], grid=(0.05, 0.1)),
                          tmp_path / "rep")
-    assert all(n > 0 for n in res["attacks"][0]["regrown_weights"])
+    assert all(n > 0 for n in res.attacks[0].regrown_weights)
 
 
 def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypatch):
     """Killed mid-stack (one run of a stack logged, its partner not), the evaluation resumes and ends with the
     same report; the same grid through worker processes gives the same runs."""
-    import edgeguard.evaluation.runner as runner
+    import edgeguard.evaluation.execute as execute
 
     cfg = _cfg(grid=(0.02, 0.05, 0.1), seeds=1)
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_a"))
     full = evaluate_model(mnist_model, cfg, tmp_path / "a")
-    assert full["engine"]["stacks"] == 3  # protected + scratch of one ratio per stack
+    assert full.engine["stacks"] == 3  # protected + scratch of one ratio per stack
 
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "cache_b"))
-    real = runner._row
+    real = execute._row
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -104,14 +105,14 @@ def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "_row", dying)
+    monkeypatch.setattr(execute, "_row", dying)
     with pytest.raises(KeyboardInterrupt):
         evaluate_model(mnist_model, cfg, tmp_path / "b")
     assert len((tmp_path / "b" / "runs.jsonl").read_text().splitlines()) == 3
-    monkeypatch.setattr(runner, "_row", real)
+    monkeypatch.setattr(execute, "_row", real)
     resumed = evaluate_model(mnist_model, cfg, tmp_path / "b")
-    assert resumed["attacks"][0]["protected"] == full["attacks"][0]["protected"]
-    assert resumed["attacks"][0]["scratch"] == full["attacks"][0]["scratch"]
+    assert resumed.attacks[0].protected == full.attacks[0].protected
+    assert resumed.attacks[0].scratch == full.attacks[0].scratch
     rows = [json.loads(x) for x in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 3 protected + 3 scratch, none run twice
 
@@ -121,13 +122,13 @@ def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypa
     par = evaluate_model(mnist_model, _cfg(grid=(0.02, 0.05, 0.1), seeds=1, executor="processes", workers=2),
                          tmp_path / "c")
     for kind in ("protected", "scratch"):
-        assert np.allclose(par["attacks"][0][kind], full["attacks"][0][kind], atol=0.02)
+        assert np.allclose(par.attacks[0].curve(kind), full.attacks[0].curve(kind), atol=0.02)
     assert len((tmp_path / "c" / "runs.jsonl").read_text().splitlines()) == 6
 
 
 def test_head_only_attack_keeps_encoder(mnist_model, data_root):
     from edgeguard.domains import get_domain
-    from edgeguard.evaluation.attack import fine_tune
+    from edgeguard.finetune import fine_tune
     from edgeguard.training import TensorData
 
     art = load_artifact(mnist_model)
@@ -191,26 +192,26 @@ def test_killed_evaluate_leaves_no_worker_behind(mnist_model, tmp_path):
 
 def test_executor_auto_picks_processes_only_with_free_cores(monkeypatch):
     """Issue 28: the fastest CPU default (processes on more than one free core), said in one line."""
-    import edgeguard.evaluation.runner as runner
+    import edgeguard.evaluation.execute as execute
 
     cfg = EvalConfig(target="usps", executor="auto", device="cpu")
-    monkeypatch.setattr(runner, "free_cores", lambda: 2)
-    got, line = runner.resolve_executor(cfg, "cpu")
+    monkeypatch.setattr(execute, "free_cores", lambda: 2)
+    got, line = execute.resolve_executor(cfg, "cpu")
     assert (got.executor, got.workers) == ("processes", 2) and "processes ×2" in line
-    monkeypatch.setattr(runner, "free_cores", lambda: 1)
-    got, line = runner.resolve_executor(cfg, "cpu")
+    monkeypatch.setattr(execute, "free_cores", lambda: 1)
+    got, line = execute.resolve_executor(cfg, "cpu")
     assert got.executor == "local" and "local" in line
     explicit = EvalConfig(target="usps", executor="local", device="cpu")
-    assert runner.resolve_executor(explicit, "cpu")[0] is explicit
+    assert execute.resolve_executor(explicit, "cpu")[0] is explicit
 
 
 def test_evaluate_cli_says_which_executor_it_chose(mnist_model, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import edgeguard.evaluation.runner as runner
+    import edgeguard.evaluation.execute as execute
     from edgeguard.cli import main
 
-    monkeypatch.setattr(runner, "free_cores", lambda: 1)
+    monkeypatch.setattr(execute, "free_cores", lambda: 1)
     r = CliRunner().invoke(main, ["evaluate", str(mnist_model), "--target", "usps", "--grid", "0.02,0.05", "--epochs", "1",
                                   "--max-train", "300", "--max-test", "200", "--report", str(tmp_path / "r"),
                                   "--device", "cpu"])

@@ -11,7 +11,8 @@ from edgeguard.artifact import load_artifact
 from edgeguard.cli import main
 from edgeguard.domains import get_domain
 from edgeguard.errors import EdgeguardError
-from edgeguard.evaluation.attack import AttackRecipe, fine_tune, stratified_subset
+from edgeguard.evaluation.plan import stratified_subset
+from edgeguard.finetune import AttackRecipe, fine_tune
 from edgeguard.protect import protect
 from edgeguard.training import TensorData, evaluate
 
@@ -52,16 +53,18 @@ def test_hardening_beats_an_attack_it_never_sampled_and_keeps_source_and_mask(ha
 
 
 def test_sampled_attacks_cover_the_distribution():
-    from edgeguard.methods.harden import LR_RANGES, HardenConfig, sample_attack
+    from edgeguard.finetune import ATTACK_SPACE
+    from edgeguard.methods.harden import HardenConfig, sample_attack
 
     rng = np.random.default_rng(0)
-    atks = [sample_attack(rng, HardenConfig()) for _ in range(400)]
+    atks = [sample_attack(rng, HardenConfig())[0] for _ in range(400)]
     assert {a.optimizer for a in atks} == {"sgd", "adam", "adamw"}
     assert {a.pruned for a in atks} == {"masked", "free", "regrow"}
-    assert {a.head_reinit for a in atks} == {True, False} and {a.bn_reestimate for a in atks} == {True, False}
+    assert {a.head for a in atks} == {"reinit", "kept"} and {a.bn for a in atks} == {"reestimate", "kept"}
     for a in atks:
-        lo, hi = LR_RANGES[a.optimizer]
+        lo, hi = ATTACK_SPACE.lr[a.optimizer]
         assert lo <= a.lr <= hi
+        assert a.weight_decay == ATTACK_SPACE.weight_decay[a.optimizer]  # the scored attacker's, not its own
     sgd = sorted(a.lr for a in atks if a.optimizer == "sgd")
     assert sgd[0] < 3e-3 and sgd[-1] > 3e-2  # log-uniform: both ends drawn
 
@@ -88,5 +91,8 @@ def test_harden_refuses_what_it_cannot_refine(protected, tmp_path):
     with pytest.raises(EdgeguardError, match="only a refining method"):
         protect("magnitude", protected, tmp_path / "m.safetensors", target="usps", device="cpu")
     r = CliRunner().invoke(main, ["protect", "--method", "magnitude", "--source-model", str(protected), "--target",
-                                  "usps", "--out", str(tmp_path / "x.safetensors"), "--harden-set", "attacks=2"])
-    assert r.exit_code != 0 and "--harden-set needs --harden" in r.output
+                                  "usps", "--out", str(tmp_path / "x.safetensors"), "--set", "harden.attacks=2"])
+    assert r.exit_code != 0 and "add --then harden" in r.output
+    r = CliRunner().invoke(main, ["protect", "--method", "harden", "--source-model", str(protected), "--target",
+                                  "usps", "--out", str(tmp_path / "x.safetensors"), "--then", "magnitude"])
+    assert r.exit_code != 0 and "--then magnitude: only a refining method" in r.output

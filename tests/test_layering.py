@@ -78,4 +78,16 @@ def test_methods_and_evaluation_never_import_each_other():
     down = {m for m in _edgeguard_imports("evaluation") if m.startswith("edgeguard.methods")}
     assert not up, f"methods import the evaluation: {sorted(up)}"
     assert not down, f"the evaluation imports methods: {sorted(down)}"
-    assert "edgeguard.finetune.moves" in _edgeguard_imports("methods") | _edgeguard_imports("evaluation")
+    assert "edgeguard.finetune" in _edgeguard_imports("methods") & _edgeguard_imports("evaluation")
+
+
+def test_the_attacker_lives_below_methods_and_evaluation():
+    """One attacker: the fine-tuning package imports neither what simulates it nor what grades with it, and no
+    module above it builds its own optimizer loop for an attack (the hardening runs `finetune.train_run`)."""
+    below = _edgeguard_imports("finetune")
+    assert not {m for m in below if m.startswith(("edgeguard.methods", "edgeguard.evaluation"))}, sorted(below)
+    harden = (REPO / "edgeguard" / "methods" / "harden.py").read_text()
+    assert "train_run(" in harden and "ATTACK_SPACE" in harden
+    assert "torch.optim.SGD" not in harden and "torch.optim.AdamW" not in harden
+    suites = (REPO / "edgeguard" / "evaluation" / "suites.py").read_text()
+    assert "ATTACK_SPACE" in suites

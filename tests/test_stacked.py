@@ -8,15 +8,10 @@ from torch import nn
 
 from edgeguard.artifact import load_artifact
 from edgeguard.domains import get_domain
-from edgeguard.evaluation.attack import (
-    AttackRecipe,
-    attack_start,
-    scratch_model,
-    stratified_subset,
-    train_run,
-)
+from edgeguard.evaluation.plan import stratified_subset
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
-from edgeguard.evaluation.stacked import StackRun, build_stack, train_stack
+from edgeguard.finetune import AttackRecipe, StackRun, attack_start, scratch_model, train_run
+from edgeguard.finetune.stacked import build_stack, train_stack
 from edgeguard.masks import MaskSet
 from edgeguard.models import create_model
 from edgeguard.training import TensorData, evaluate
@@ -147,7 +142,7 @@ def test_ray_executor_gives_the_local_rows(mnist_model, tmp_path, monkeypatch):
                 for r in map(json.loads, (tmp_path / d / "runs.jsonl").read_text().splitlines())}
 
     assert rows("ray") == rows("local")
-    assert remote["attacks"][0]["slc_auc"] == local["attacks"][0]["slc_auc"]
+    assert remote.attacks[0].slc_auc == local.attacks[0].slc_auc
 
 
 def test_ray_executor_without_ray_is_one_line_error(monkeypatch):

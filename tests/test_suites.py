@@ -9,10 +9,10 @@ import torch
 
 from edgeguard.artifact import load_artifact, save_artifact
 from edgeguard.errors import EdgeguardError
-from edgeguard.evaluation.attack import AttackRecipe, attack_start
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.slc_auc import curve_auc
 from edgeguard.evaluation.suites import SUITES, get_suite, search_recipes
+from edgeguard.finetune import AttackRecipe, attack_start
 from edgeguard.masks import MaskSet
 
 GRID = (0.02, 0.1, 0.3)
@@ -56,19 +56,19 @@ def test_envelope_bounds_every_recipe_and_unprotected_transfer_beats_scratch(mni
     assert [r.name for r in suite.recipes] == ["adam", "sgd", "adamw-short"]
     res = evaluate_model(mnist_model, EvalConfig(**SMALL, attacks=list(suite.recipes), suite=suite.name),
                          tmp_path / "rep")
-    s = res["suite"]
-    assert s["name"] == "mini" and s["recipes"] == ["adam", "sgd", "adamw-short"]
+    s = res.suite
+    assert s.name == "mini" and s.recipes == ["adam", "sgd", "adamw-short"]
     for kind in ("protected", "scratch"):
-        env = np.asarray(s[f"{kind}_envelope"])
-        for e in res["attacks"]:
-            assert np.all(env >= np.asarray(e[kind]) - 1e-12)
-            assert curve_auc(GRID, env[0]) >= curve_auc(GRID, e[kind][0]) - 1e-12
-        assert set(s[f"{kind}_winner"]) <= set(s["recipes"])
-    assert s["robust_slc_auc"][0] > 0
-    assert s["per_recipe_slc_auc"]["sgd"] == res["attacks"][1]["slc_auc"]
+        env = np.asarray(s.envelopes[kind])
+        for e in res.attacks:
+            assert np.all(env >= np.asarray(e.curve(kind)) - 1e-12)
+            assert curve_auc(GRID, env[0]) >= curve_auc(GRID, e.curve(kind)[0]) - 1e-12
+        assert set(s.winners[kind]) <= set(s.recipes)
+    assert s.robust_slc_auc[0] > 0
+    assert s.per_recipe_slc_auc["sgd"] == res.attacks[1].slc_auc
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "robust SLC-AUC" in md and (tmp_path / "rep" / "suite.png").stat().st_size > 10_000
-    assert json.loads((tmp_path / "rep" / "report.json").read_text())["suite"]["robust_slc_auc"] == list(s["robust_slc_auc"])
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["suite"]["robust_slc_auc"] == list(s.robust_slc_auc)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +93,9 @@ def test_bn_attacker_undoes_scrambled_statistics(mnist_model, scrambled_bn, tmp_
     clean = evaluate_model(mnist_model, EvalConfig(**cfg, attacks=[short]), tmp_path / "clean")
     both = evaluate_model(scrambled_bn, EvalConfig(**cfg, attacks=[short, dataclasses.replace(short, bn="reestimate")]),
                           tmp_path / "scr")
-    ref = clean["attacks"][0]["protected"][0][1]
-    plain, bn = both["attacks"][0]["protected"][0][1], both["attacks"][1]["protected"][0][1]
-    assert both["target_accuracy_direct"] < 0.3
+    ref = clean.attacks[0].protected[0][1]
+    plain, bn = both.attacks[0].protected[0][1], both.attacks[1].protected[0][1]
+    assert both.target_accuracy_direct < 0.3
     assert plain < ref - 0.2
     assert bn > ref - 0.05
 
@@ -139,10 +139,10 @@ def test_search_never_reads_the_test_set(mnist_model, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "get_domain", poisoned)
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "c2"))
     dirty = evaluate_model(mnist_model, EvalConfig(**cfg), tmp_path / "dirty")
-    c, d = clean["attacks"][-1], dirty["attacks"][-1]
-    assert c["attack"] == d["attack"] == "search"
-    assert c["chosen"] == d["chosen"]
-    assert c["protected"] != d["protected"]  # the poison did reach the test set
+    c, d = clean.attacks[-1], dirty.attacks[-1]
+    assert c.attack == d.attack == "search"
+    assert c.chosen == d.chosen
+    assert c.protected != d.protected  # the poison did reach the test set
     trial_rows = [json.loads(x) for x in (tmp_path / "clean" / "runs.jsonl").read_text().splitlines()]
     assert sum(r.get("split") == "trial" for r in trial_rows) == 3 * 2 * 2  # trials × (protected, scratch) × ratios
 

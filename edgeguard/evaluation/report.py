@@ -9,6 +9,8 @@ import numpy as np
 
 from runtime.fileio import atomic_path, atomic_write_text
 
+from .result import Curves, EvalResult
+
 
 def _fmt(ms) -> str:
     m, s = ms
@@ -41,114 +43,121 @@ def _finish(fig, ax, title: str, path: Path, legend_size: int) -> None:
     plt.close(fig)
 
 
-def plot_attack(entry: dict, title: str, path: Path, method: str = "protected") -> None:
-    n = np.asarray(entry["n"], dtype=float)
+def plot_attack(entry: Curves, title: str, path: Path, method: str = "protected") -> None:
+    n = np.asarray(entry.n, dtype=float)
     fig, ax = _figure((6.4, 4.2))
     first = "evaluated model (no protection)" if method in ("none", None) else f"protected ({method})"
     styles = [("protected", first, "#d62728"), ("unprotected", "unprotected (source model)", "#1f77b4"),
               ("scratch", "from scratch", "#7f7f7f")]
     for key, label, color in styles:
-        if key not in entry:
+        if entry.curve(key) is None:
             continue
-        a = np.asarray(entry[key], dtype=float) * 100
+        a = np.asarray(entry.curve(key), dtype=float) * 100
         mean = a.mean(0)
         ax.plot(n, mean, marker="o", ms=4, color=color, label=label, lw=2 if key == "protected" else 1.5,
                 ls="--" if key == "scratch" else "-")
         if a.shape[0] > 1:
             ax.fill_between(n, a.min(0), a.max(0), color=color, alpha=0.15)
-    slc = entry["slc_auc"][0]
+    slc = entry.slc_auc[0]
     verdict = "worse than scratch" if slc < 0 else "better than scratch"
-    _finish(fig, ax, f"{title}\n{entry['attack']}: SLC-AUC {slc:+.2f} ({verdict})", path, 8)
+    _finish(fig, ax, f"{title}\n{entry.attack}: SLC-AUC {slc:+.2f} ({verdict})", path, 8)
 
 
 def _png_name(attack: str) -> str:
     return "attack_" + re.sub(r"[^A-Za-z0-9._-]+", "_", attack).strip("_") + ".png"
 
 
-def plot_suite(results: dict, title: str, path: Path) -> None:
+def plot_suite(results: EvalResult, title: str, path: Path) -> None:
     """The attacker's best recipe: both envelopes (and the unprotected model's) in bold, each recipe thin, the
     area between the protected and the scratch envelope shaded."""
-    suite = results["suite"]
-    entries = results["attacks"]
-    n = np.asarray(entries[0]["n"], dtype=float)
+    suite = results.suite
+    entries = results.attacks
+    n = np.asarray(entries[0].n, dtype=float)
     fig, ax = _figure((7.2, 4.8))
     for e in entries:
-        ax.plot(n, np.asarray(e["protected"]).mean(0) * 100, color="#d62728", lw=0.7, alpha=0.45)
-        ax.plot(n, np.asarray(e["scratch"]).mean(0) * 100, color="#7f7f7f", lw=0.7, alpha=0.45, ls="--")
-    prot = np.asarray(suite["protected_envelope"]).mean(0) * 100
-    scr = np.asarray(suite["scratch_envelope"]).mean(0) * 100
+        ax.plot(n, np.asarray(e.protected).mean(0) * 100, color="#d62728", lw=0.7, alpha=0.45)
+        ax.plot(n, np.asarray(e.scratch).mean(0) * 100, color="#7f7f7f", lw=0.7, alpha=0.45, ls="--")
+    prot = np.asarray(suite.envelopes["protected"]).mean(0) * 100
+    scr = np.asarray(suite.envelopes["scratch"]).mean(0) * 100
     ax.fill_between(n, prot, scr, where=prot >= scr, color="#d62728", alpha=0.15, interpolate=True,
                     label="protected above scratch")
     ax.fill_between(n, prot, scr, where=prot < scr, color="#2ca02c", alpha=0.15, interpolate=True,
                     label="protected below scratch")
     ax.plot(n, prot, color="#d62728", lw=2.5, marker="o", ms=4, label="protected: best recipe per ratio")
     ax.plot(n, scr, color="#404040", lw=2.5, ls="--", marker="s", ms=4, label="scratch: best recipe per ratio")
-    if "unprotected_envelope" in suite:
-        ax.plot(n, np.asarray(suite["unprotected_envelope"]).mean(0) * 100, color="#1f77b4", lw=2.5,
+    if "unprotected" in suite.envelopes:
+        ax.plot(n, np.asarray(suite.envelopes["unprotected"]).mean(0) * 100, color="#1f77b4", lw=2.5,
                 label="unprotected: best recipe per ratio")
-    m, sd = suite["robust_slc_auc"]
-    _finish(fig, ax, f"{title}\nsuite {suite['name']} ({len(entries)} recipes, thin lines): robust SLC-AUC "
+    m, sd = suite.robust_slc_auc
+    _finish(fig, ax, f"{title}\nsuite {suite.name} ({len(entries)} recipes, thin lines): robust SLC-AUC "
                      f"{m:+.2f} ± {sd:.2f}", path, 7)
 
 
-def verdict(results: dict) -> str:
+def verdict(results: EvalResult) -> str:
     """One line: the robust value when a suite ran, else the single recipe's."""
-    suite = results.get("suite")
+    suite = results.suite
     if suite:
-        m, sd = suite["robust_slc_auc"]
-        return (f"robust SLC-AUC {m:+.3f} ± {sd:.3f} over {len(suite['recipes'])} recipes of suite "
-                f"{suite['name']} ({'worse' if m < 0 else 'better'} than scratch at its best)")
-    e = results["attacks"][0]
-    return f"SLC-AUC {e['slc_auc'][0]:+.3f} ± {e['slc_auc'][1]:.3f} ({e['attack']})"
+        m, sd = suite.robust_slc_auc
+        return (f"robust SLC-AUC {m:+.3f} ± {sd:.3f} over {len(suite.recipes)} recipes of suite "
+                f"{suite.name} ({'worse' if m < 0 else 'better'} than scratch at its best)")
+    e = results.attacks[0]
+    return f"SLC-AUC {e.slc_auc[0]:+.3f} ± {e.slc_auc[1]:.3f} ({e.attack})"
 
 
-def write_report(results: dict, out_dir: Path) -> None:
+def write_report(results: EvalResult, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "report.json", json.dumps(results, indent=2))
-    title = f"{results['arch']} ({results['method']}) {results['source_domain']} → {results['target']}"
+    atomic_write_text(out_dir / "report.json", json.dumps(results.to_dict(), indent=2))
+    r = results
+    title = f"{r.arch} ({r.method}) {r.source_domain} → {r.target}"
     lines = [f"# Fine-tuning attack report: {title}", "",
-             f"- model: `{results['model']}` (sparsity {results['sparsity'] * 100:.1f} %)",
-             f"- seeds: {results['seeds']}; grid (ratios of the target train set): {results['grid']}",
-             f"- target accuracy without fine-tuning: {results['target_accuracy_direct'] * 100:.2f} %"]
-    if results.get("source_accuracy") is not None:
-        lines.append(f"- source accuracy: {results['source_accuracy'] * 100:.2f} %")
-    d = results.get("direct")
-    if d:
-        std = f"{d['st_d']:.4f}" if d["st_d"] is not None else "undefined (ΔT ≤ 0)"
-        lines += ["", "## Direct use", "", "| source before | source after | ΔS (pt) | target before | target after | "
-                  "ΔT (pt) | ST-D |", "|---|---|---|---|---|---|---|",
-                  f"| {d['source_before'] * 100:.2f} | {d['source_after'] * 100:.2f} | {d['delta_s']:+.2f} | "
-                  f"{d['target_before'] * 100:.2f} | {d['target_after'] * 100:.2f} | {d['delta_t']:+.2f} | {std} |"]
-    suite = results.get("suite")
-    if suite:
-        plot_suite(results, title, out_dir / "suite.png")
-        lines += ["", f"## Suite {suite['name']}: the attacker's best recipe", "",
-                  f"**{verdict(results)}**", "",
-                  "At each ratio the envelope is the best accuracy any recipe reached; scratch training gets its "
-                  "best recipe too. Both envelopes select on the test set, which favours the attacker and the "
-                  "scratch baseline alike.", "", "![suite](suite.png)", "",
-                  "| n | " + " | ".join(str(v) for v in results["attacks"][0]["n"]) + " |",
-                  "|---" * (len(results["attacks"][0]["n"]) + 1) + "|"]
-        for kind in ("protected", "unprotected", "scratch"):
-            if f"{kind}_envelope" in suite:
-                mean = np.asarray(suite[f"{kind}_envelope"]).mean(0) * 100
-                lines.append(f"| {kind} envelope (%) | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
-                lines.append(f"| {kind} winner | " + " | ".join(suite[f"{kind}_winner"]) + " |")
+             f"- model: `{r.model}` (sparsity {r.sparsity * 100:.1f} %)",
+             f"- seeds: {r.seeds}; grid (ratios of the target train set): {r.grid}",
+             f"- target accuracy without fine-tuning: {r.target_accuracy_direct * 100:.2f} %"]
+    if r.source_accuracy is not None:
+        lines.append(f"- source accuracy: {r.source_accuracy * 100:.2f} %")
+    lines += _direct_lines(r.direct)
+    if r.suite:
+        plot_suite(r, title, out_dir / "suite.png")
+        lines += _suite_lines(r)
     lines += ["", "## Fine-tuning attacks", "",
               "SLC-AUC = area of accuracy over ln r, protected minus scratch (< 0: worse than training from scratch).",
               "", "| attack | SLC-AUC | normalised | unprotected SLC-AUC | plot |", "|---|---|---|---|---|"]
-    for e in results["attacks"]:
-        png = _png_name(e["attack"])
-        plot_attack(e, title, out_dir / png, results.get("method", "protected"))
-        unp = _fmt(e["unprotected_slc_auc"]) if "unprotected_slc_auc" in e else "–"
-        lines.append(f"| {e['attack']} | {_fmt(e['slc_auc'])} | {_fmt(e['slc_auc_normalised'])} | {unp} | "
-                     f"![{e['attack']}]({png}) |")
-    for e in results["attacks"]:
-        lines += ["", f"### {e['attack']}: accuracy (%) by number of target samples", "",
-                  "| n | " + " | ".join(str(v) for v in e["n"]) + " |", "|---" * (len(e["n"]) + 1) + "|"]
+    for e in r.attacks:
+        png = _png_name(e.attack)
+        plot_attack(e, title, out_dir / png, r.method or "protected")
+        unp = _fmt(e.unprotected_slc_auc) if e.unprotected_slc_auc is not None else "–"
+        lines.append(f"| {e.attack} | {_fmt(e.slc_auc)} | {_fmt(e.slc_auc_normalised)} | {unp} | ![{e.attack}]({png}) |")
+    for e in r.attacks:
+        lines += ["", f"### {e.attack}: accuracy (%) by number of target samples", "",
+                  "| n | " + " | ".join(str(v) for v in e.n) + " |", "|---" * (len(e.n) + 1) + "|"]
         for key in ("protected", "unprotected", "scratch"):
-            if key in e:
-                mean = np.asarray(e[key]).mean(0) * 100
+            if e.curve(key) is not None:
+                mean = np.asarray(e.curve(key)).mean(0) * 100
                 lines.append(f"| {key} | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
-    lines += ["", f"Wall time {results.get('wall_seconds', 0):.1f} s on {results.get('device')}."]
+    lines += ["", f"Wall time {r.wall_seconds:.1f} s on {r.device}."]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _direct_lines(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    std = f"{d['st_d']:.4f}" if d["st_d"] is not None else "undefined (ΔT ≤ 0)"
+    return ["", "## Direct use", "", "| source before | source after | ΔS (pt) | target before | target after | "
+            "ΔT (pt) | ST-D |", "|---|---|---|---|---|---|---|",
+            f"| {d['source_before'] * 100:.2f} | {d['source_after'] * 100:.2f} | {d['delta_s']:+.2f} | "
+            f"{d['target_before'] * 100:.2f} | {d['target_after'] * 100:.2f} | {d['delta_t']:+.2f} | {std} |"]
+
+
+def _suite_lines(r: EvalResult) -> list[str]:
+    suite, n = r.suite, r.attacks[0].n
+    lines = ["", f"## Suite {suite.name}: the attacker's best recipe", "", f"**{verdict(r)}**", "",
+             "At each ratio the envelope is the best accuracy any recipe reached; scratch training gets its "
+             "best recipe too. Both envelopes select on the test set, which favours the attacker and the "
+             "scratch baseline alike.", "", "![suite](suite.png)", "",
+             "| n | " + " | ".join(str(v) for v in n) + " |", "|---" * (len(n) + 1) + "|"]
+    for kind in ("protected", "unprotected", "scratch"):
+        if kind in suite.envelopes:
+            mean = np.asarray(suite.envelopes[kind]).mean(0) * 100
+            lines.append(f"| {kind} envelope (%) | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
+            lines.append(f"| {kind} winner | " + " | ".join(suite.winners[kind]) + " |")
+    return lines

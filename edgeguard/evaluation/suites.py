@@ -15,14 +15,13 @@ validation split of the attacker's own subset. A user's suite is a TOML or JSON 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgeguardError
-from .attack import AttackRecipe, parse_attack
+from ..finetune import ATTACK_SPACE, AttackRecipe
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,8 @@ class Suite:
 
 
 def _r(spec: str, name: str = "", **kw) -> AttackRecipe:
-    return replace(parse_attack(spec, **kw), label=name)
+    """A suite's recipe, from the attack space (its weight decay for the optimizer unless given)."""
+    return replace(ATTACK_SPACE.recipe(spec, **kw), label=name)
 
 
 _PAPER = (_r("direct-all/masked", "paper"),)
@@ -58,8 +58,8 @@ _ROBUST = _STANDARD + (
     _r("direct-all/free", "sgd-1e-1", optimizer="sgd", lr=1e-1, **_WC),
     _r("direct-all/free", "adam-1e-4-wc", lr=1e-4, **_WC),
     _r("direct-all/free", "adam-1e-3-wc", lr=1e-3, **_WC),
-    _r("direct-all/free", "adamw-1e-4-wc", optimizer="adamw", lr=1e-4, weight_decay=1e-2, **_WC),
-    _r("direct-all/free", "adamw-1e-3-wc", optimizer="adamw", lr=1e-3, weight_decay=1e-2, **_WC),
+    _r("direct-all/free", "adamw-1e-4-wc", optimizer="adamw", lr=1e-4, **_WC),
+    _r("direct-all/free", "adamw-1e-3-wc", optimizer="adamw", lr=1e-3, **_WC),
     _r("direct-all/free", "sgd-1e-2-60ep", optimizer="sgd", lr=1e-2, epochs=60, **_WC),
     _r("direct-all/free", "adam-1e-3-60ep", lr=1e-3, epochs=60, **_WC),
     _r("direct-all/free", "bn-reestimate", lr=1e-3, bn="reestimate", **_WC),
@@ -76,29 +76,10 @@ SUITES = {s.name: s for s in (
                     "chosen on a validation split of the attacker's subset", (), trials=20),
 )}
 
-# The random search's space: optimizer, lr log-uniform, and the discrete choices.
-SEARCH_SPACE = {"optimizer": ("sgd", "adam", "adamw"), "lr": (1e-5, 1e-1), "epochs": (10, 30, 60),
-                "batch_size": (32, 64, 128), "schedule": ("none", "warmup-cosine"), "head": ("kept", "reinit"),
-                "bn": ("kept", "reestimate")}
-
-
 def search_recipes(trials: int, seed: int = 0) -> list[AttackRecipe]:
-    """The search's candidate recipes, drawn by `seed` (the same candidates at every ratio)."""
+    """The search's candidate recipes, drawn from the attack space by `seed` (the same at every ratio)."""
     rng = np.random.default_rng([seed, 7331])
-    out = []
-    lo, hi = SEARCH_SPACE["lr"]
-    for t in range(trials):
-        def pick(k):
-            v = SEARCH_SPACE[k]
-            return v[int(rng.integers(len(v)))]
-
-        opt = pick("optimizer")
-        lr = float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
-        out.append(AttackRecipe(train="all", head=pick("head"), pruned="free", optimizer=opt, lr=lr,
-                                weight_decay=1e-2 if opt == "adamw" else 8e-4, epochs=int(pick("epochs")),
-                                batch_size=int(pick("batch_size")), schedule=pick("schedule"), bn=pick("bn"),
-                                label=f"search-{t}"))
-    return out
+    return [ATTACK_SPACE.search_draw(rng, label=f"search-{t}") for t in range(trials)]
 
 
 def with_recipes(suite: Suite | None, extra: list[AttackRecipe]) -> list[AttackRecipe]:

@@ -1,24 +1,26 @@
 """Hardening (`edgeguard harden`): make fine-tuning on the target a bad start under a *distribution* of attacks.
 
 First-order meta-learning in the SOPHON / TAR family. Each outer step:
-1. samples `attacks` fine-tuning attacks (optimizer SGD-momentum / Adam / AdamW, lr log-uniform per optimizer
-   over the robust suite's range, batch size, the attacker's subset size log-uniform from `min_images` (few-
-   shot attackers gain most from a transferred start, and the log-ratio axis weighs them most), head kept or
-   re-initialised, pruned weights masked / free / regrowing, BN statistics kept or re-estimated);
-2. runs each for `inner_steps` plain steps from the current weights on the defender's target data (a copy;
-   BN in train mode as an attacker runs it) and, every `suppress_every` steps and at the end, takes the
-   gradient of a bounded suppression loss (KL of uniform to the prediction: 0 at chance) on a held-out
-   target batch; their mean, late steps weighted more (an attacker reads the last epoch), is the
-   meta-gradient (first order: d θ_t / d θ_0 ≈ I), head gradients only where the attack kept the head;
-   each attack's gradient is scaled to unit norm (a kept head's is 10-30× a re-initialised one's and would
-   decide alone), their mean clipped to `meta_clip`;
-3. adds the source terms on a source batch (CE + temperature-2 distillation to the frozen input model);
+1. samples `attacks` fine-tuning attacks from the attack space the suites are drawn from
+   (`finetune.ATTACK_SPACE`: optimizer, lr log-uniform over that optimizer's range and its weight decay,
+   batch size), the attacker's subset size log-uniform from `min_images` (few-shot attackers gain most from
+   a transferred start, and the log-ratio axis weighs them most), head kept or re-initialised (a new head is
+   the attacker's own: its mask dropped, as in the scored attack), pruned weights masked / free / regrowing,
+   BN statistics kept or re-estimated on the attacker's subset;
+2. runs each for `inner_steps` steps through the evaluation's own moves and fine-tuning run (`finetune`), BN
+   in train mode as an attacker runs it, and every `suppress_every` steps and at the end takes the gradient
+   of a bounded suppression loss (KL of uniform to the prediction: 0 at chance) on a held-out target batch;
+   their mean, late steps weighted more (an attacker reads the last epoch), is the meta-gradient (first
+   order: d θ_t / d θ_0 ≈ I), head gradients only where the attack kept the head; each attack's gradient is
+   scaled to unit norm (a kept head's is 10-30× a re-initialised one's and would decide alone), their mean
+   clipped to `meta_clip`;
+3. adds the source terms on a source batch (CE + distillation at `kd_temperature` to the frozen input model);
 4. one Adam step; pruned weights stay exactly 0 (the mask is the input's).
 Every `eval_every` outer steps a proxy of the robust SLC-AUC is measured: a few-shot attack longer than any
-the sampler draws (`proxy_steps` of Adam 1e-3 on 64 of the defender's target images, pruned weights free),
-scored on held-out target images, and the source accuracy on held-out source images with statistics
-re-estimated on source data. The shipped checkpoint is the best proxy above the source floor; a step that
-falls below the floor rolls back to the best checkpoint and halves the suppression weight.
+the sampler draws (`proxy_steps` of Adam at `proxy_lr` on `proxy_images` of the defender's target images,
+pruned weights free), scored on held-out target images, and the source accuracy on held-out source images
+with statistics re-estimated on source data. The shipped checkpoint is the best proxy above the source floor;
+a step that falls below the floor rolls back to the best checkpoint and halves the suppression weight.
 The shipped BatchNorm statistics are re-estimated on the defender's source data. Measurements behind the
 choices: benchmarks/RESULTS.md ("Hardening").
 """
@@ -27,25 +29,24 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bn_stats import reestimate_bn
 from ..config import param
 from ..devices import autocast, cpu_bf16
 from ..errors import EdgeguardError
+from ..finetune import ATTACK_SPACE, AttackRecipe, StackRun, attack_start, bn_move, train_run
 from ..masks import MaskSet, prunable_names
 from ..progress import progress
-from ..training import TensorData, augment, evaluate, normalize, reestimate_bn
+from ..training import TensorData, TrainConfig, augment, evaluate, normalize
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 
 TARGET_SEED_OFFSET = 1  # as NTP: the target fraction is drawn with seed + 1
-LR_RANGES = {"sgd": (1e-3, 1e-1), "adam": (1e-5, 3e-3), "adamw": (1e-5, 3e-3)}  # the robust suite's span
-BATCHES = (16, 32, 64, 128)
-PROXY_IMAGES = 64
 
 
 @dataclass
@@ -71,16 +72,20 @@ class HardenConfig:
     source_floor: float = param(0.008, "roll back when held-out source accuracy falls this far below the input "
                                        "file's (eval mode, as shipped)")
     eval_every: int = param(25, "outer steps between proxy measurements, checkpoints and rollbacks")
-    proxy_steps: int = param(96, "length of the held-out proxy attack (64 images, batch 32, Adam 1e-3, free)")
+    proxy_steps: int = param(96, "length of the held-out proxy attack (pruned weights free)")
+    proxy_images: int = param(64, "target images the proxy attacker trains on")
+    proxy_batch: int = param(32, "batch size of the proxy attack")
+    proxy_lr: float = param(1e-3, "Adam learning rate of the proxy attack")
+    kd_temperature: float = param(2.0, "temperature of the distillation to the frozen input model")
     precision: str = param("auto", "simulated attacks in bf16 (auto: where the CPU has native bf16, and CUDA)",
                            choices=("auto", "fp32", "bf16"))
     seed: int = param(0, "seed of the data fractions, sampled attacks and batches")
 
     def validate(self) -> None:
         if min(self.outer_steps, self.attacks, self.inner_steps, self.suppress_every, self.batch_size,
-               self.eval_every, self.proxy_steps, self.min_images) < 1:
+               self.eval_every, self.proxy_steps, self.min_images, self.proxy_images, self.proxy_batch) < 1:
             raise EdgeguardError("outer_steps, attacks, inner_steps, suppress_every, batch_size, eval_every, "
-                                 "proxy_steps and min_images must be at least 1")
+                                 "proxy_steps, proxy_images, proxy_batch and min_images must be at least 1")
         for name in ("p_head_reinit", "p_free", "p_bn_reestimate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise EdgeguardError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -90,11 +95,11 @@ class HardenConfig:
             raise EdgeguardError("source and target fractions must be in (0, 1]")
         if not 0 < self.holdout < 1:
             raise EdgeguardError(f"holdout must be in (0, 1), got {self.holdout}")
-        for name in ("suppress_weight", "meta_clip", "lr", "kd_weight", "source_floor"):
+        positive = ("lr", "meta_clip", "proxy_lr", "kd_temperature")
+        for name in ("suppress_weight", "meta_clip", "lr", "kd_weight", "source_floor", "proxy_lr", "kd_temperature"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0) or (name in ("lr", "meta_clip") and v == 0):
-                raise EdgeguardError(f"{name} must be a {'positive' if name in ('lr', 'meta_clip') else '≥ 0'} "
-                                     f"number, got {v}")
+            if not (math.isfinite(v) and v >= 0) or (name in positive and v == 0):
+                raise EdgeguardError(f"{name} must be a {'positive' if name in positive else '≥ 0'} number, got {v}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise EdgeguardError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.augment_shift < 0:
@@ -105,38 +110,14 @@ def harden_needs(cfg: HardenConfig) -> DataNeeds:
     return DataNeeds(source_images=True, source_labels=True, target_images=True, target_labels=True)
 
 
-@dataclass(frozen=True)
-class SimAttack:
-    """One sampled attack of the distribution."""
-
-    optimizer: str
-    lr: float
-    batch_size: int
-    head_reinit: bool
-    pruned: str  # masked | free | regrow
-    bn_reestimate: bool
-    images: int = 0  # the attacker's subset size (0: all of the defender's target split)
-
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        if self.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=1e-2)
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=8e-4)
-
-
-def sample_attack(rng: np.random.Generator, cfg: HardenConfig, available: int = 0) -> SimAttack:
-    opt = str(rng.choice(sorted(LR_RANGES)))
-    lo, hi = LR_RANGES[opt]
-    u = rng.random()
-    pruned = "free" if u < cfg.p_free else "regrow" if u < 2 * cfg.p_free else "masked"
-    lr = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-    batch, head = int(rng.choice(BATCHES)), bool(rng.random() < cfg.p_head_reinit)
-    bn = bool(rng.random() < cfg.p_bn_reestimate)
+def sample_attack(rng: np.random.Generator, cfg: HardenConfig, available: int = 0) -> tuple[AttackRecipe, int]:
+    """A simulated attack from the attack space the suites draw from, and the attacker's subset size (0: all of
+    the defender's target split): few-shot attackers are where transfer pays most (the log-ratio axis)."""
+    recipe = ATTACK_SPACE.simulated_draw(rng, cfg.p_head_reinit, cfg.p_free, cfg.p_bn_reestimate)
     images = 0
-    if available > cfg.min_images:  # few-shot attackers are where transfer pays most (the log-ratio axis)
+    if available > cfg.min_images:
         images = int(round(math.exp(rng.uniform(math.log(cfg.min_images), math.log(available)))))
-    return SimAttack(opt, lr, batch, head, pruned, bn, images)
+    return recipe, images
 
 
 def suppression_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -158,93 +139,86 @@ def _batch(d: TensorData, size: int, gen: torch.Generator) -> TensorData:
     return TensorData(d.x[idx], d.y[idx])
 
 
-def _normalized(d: TensorData) -> TensorData:
-    """Float channels-last inputs once, so the many inner steps skip the conversion (channels-last: RESULTS)."""
-    return TensorData(normalize(d.x).contiguous(memory_format=torch.channels_last), d.y)
+def _draws(d: TensorData, size: int, steps: int, gen: torch.Generator):
+    """`batches` for a run of `steps` batches drawn with replacement by `gen` (the attacker reuses its few
+    images every step)."""
+    def batches(epoch: int, _epoch_gen: torch.Generator):
+        for _ in range(steps):
+            yield _batch(d, min(size, len(d)), gen)
+
+    return batches
 
 
-def _start(model: nn.Module, mask: MaskSet | None, atk: SimAttack, gen: torch.Generator,
-           bn_data: TensorData | None) -> tuple[nn.Module, MaskSet | None]:
-    """The attacker's copy: head re-initialised, pruned weights regrown, statistics re-estimated as sampled."""
-    from ..finetune.moves import regrow_, reinit_head  # the evaluation's own moves: one definition
-
-    m = copy.deepcopy(model)
-    if atk.head_reinit:
-        reinit_head(m, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    keep = None
-    if mask is not None and atk.pruned == "masked":
-        keep = mask
-    elif mask is not None and atk.pruned == "regrow":
-        regrow_(m, mask, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    if atk.bn_reestimate and bn_data is not None:
-        reestimate_bn(m, bn_data)
-    return m, keep
+def _sim_config(atk: AttackRecipe, seed: int, cfg: HardenConfig, dev: torch.device) -> TrainConfig:
+    """One simulated attack as a training config: the recipe's optimizer for `inner_steps` steps (no schedule:
+    a few steps of a long run sit before its decay), in bf16 where the hardening runs it."""
+    return replace(atk.train_config(seed, str(dev), cpu_bf16(cfg.precision, dev)), epochs=1, scheduler="none",
+                   amp=cfg.precision != "fp32")
 
 
-def simulate(model: nn.Module, mask: MaskSet | None, atk: SimAttack, adapt: TensorData, held: TensorData,
-             cfg: HardenConfig, gen: torch.Generator, bn_data: TensorData
-             ) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Run one sampled attack on a copy (`adapt`, `held`: normalised float inputs, `bn_data`: raw images);
-    return the first-order meta-gradient (by parameter name), the mean suppression loss along the trajectory
-    and the held-out accuracy at its end."""
-    if 0 < atk.images < len(adapt):  # the attacker's own few images, reused every step as a real attack does
-        pick = torch.randperm(len(adapt), generator=gen)[: atk.images].to(adapt.x.device)
-        adapt, bn_data = TensorData(adapt.x[pick], adapt.y[pick]), TensorData(bn_data.x[pick], bn_data.y[pick])
-    m, keep = _start(model, mask, atk, gen, _batch(bn_data, atk.batch_size, gen))
-    m = m.to(memory_format=torch.channels_last).train()
+def simulate(model: nn.Module, mask: MaskSet | None, atk: AttackRecipe, images: int, adapt: TensorData,
+             held: TensorData, cfg: HardenConfig, gen: torch.Generator
+             ) -> tuple[dict[str, torch.Tensor], float, float] | None:
+    """Run one sampled attack on a copy through the attacker's own moves and fine-tuning run; return the
+    first-order meta-gradient (by parameter name; a re-initialised head's is left out), the mean suppression
+    loss along the trajectory and the held-out accuracy at its end. None when the attack diverged."""
     dev = adapt.x.device
-    low = cpu_bf16(cfg.precision, dev)
+    if 0 < images < len(adapt):  # the attacker's own few images, reused every step as a real attack does
+        adapt = adapt.take(torch.randperm(len(adapt), generator=gen)[:images].to(dev))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    m, keep = attack_start(model, mask, atk, seed, dev)
+    bn_move(m, atk, adapt)
     params = dict(m.named_parameters())
-    opt = atk.make_optimizer(list(params.values()))
-    names = [n for n in params if not (atk.head_reinit and n.startswith("head."))]
+    names = [n for n in params if not (atk.head == "reinit" and n.startswith("head."))]
     meta = {n: torch.zeros_like(params[n]) for n in names}
-    losses, total_w = [], 0.0
-    acc = 0.0
-    for t in range(cfg.inner_steps + 1):
-        if t % cfg.suppress_every == 0 or t == cfg.inner_steps:
-            w = (t + cfg.suppress_every) / (cfg.inner_steps + cfg.suppress_every)  # late steps count more (TAR)
-            h = _batch(held, cfg.batch_size, gen)
-            with autocast(dev, cfg.precision != "fp32", low):
-                out = m(h.x)
-            loss = suppression_loss(out)
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
-                if g is not None:
-                    meta[n] += w * g
-            losses.append(float(loss.detach()))
-            total_w += w
-            if t == cfg.inner_steps:
-                acc = float((out.argmax(1) == h.y).float().mean())
-                break
-        b = _batch(adapt, min(atk.batch_size, len(adapt)), gen)
-        opt.zero_grad(set_to_none=True)
-        with autocast(dev, cfg.precision != "fp32", low):
-            out = m(b.x)
-        F.cross_entropy(out.float(), b.y).backward()
-        if keep is not None:
-            keep.mask_grads_(m)
-        opt.step()
-        if keep is not None:
-            keep.zero_masked_(m)
-    return {n: g / total_w for n, g in meta.items()}, float(np.mean(losses)), acc
+    losses, weights, accs = [], [], []
+    tc = _sim_config(atk, seed, cfg, dev)
+
+    def observe(t: int) -> None:  # the suppression gradient every `suppress_every` steps and at the end
+        if t % cfg.suppress_every and t != cfg.inner_steps:
+            return
+        w = (t + cfg.suppress_every) / (cfg.inner_steps + cfg.suppress_every)  # late steps count more (TAR)
+        h = _batch(held, cfg.batch_size, gen)
+        with autocast(dev, tc.amp, tc.cpu_bf16):
+            out = m(normalize(h.x).contiguous(memory_format=torch.channels_last))
+        loss = suppression_loss(out)
+        for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)):
+            if g is not None:
+                meta[n] += w * g
+        losses.append(float(loss.detach()))
+        weights.append(w)
+        accs.append(float((out.argmax(1) == h.y).float().mean()))
+
+    try:
+        train_run(StackRun(m, adapt, tc, keep), "", batches=_draws(adapt, atk.batch_size, cfg.inner_steps, gen),
+                  steps_per_epoch=cfg.inner_steps, observe=observe)
+    except EdgeguardError:  # the sampled lr diverged on this start: no information, skip it
+        return None
+    return {n: g / sum(weights) for n, g in meta.items()}, float(np.mean(losses)), accs[-1]
 
 
 def proxy_attack(model: nn.Module, adapt: TensorData, held: TensorData, cfg: HardenConfig) -> float:
-    """Held-out target accuracy after the proxy attack (longer than any the sampler draws; `adapt` normalised,
-    `held` raw images)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 31 + 5)
-    pick = torch.randperm(len(adapt), generator=gen)[:PROXY_IMAGES].to(adapt.x.device)
-    adapt = TensorData(adapt.x[pick], adapt.y[pick])
-    m = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
-    for p in m.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=8e-4)
-    for _ in range(cfg.proxy_steps):
-        b = _batch(adapt, 32, gen)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(b.x).float(), b.y).backward()
-        opt.step()
+    """Held-out target accuracy after the proxy attack (longer than any the sampler draws), run as the
+    evaluation runs an attack: direct-all/free, Adam."""
+    gen = torch.Generator().manual_seed(_proxy_seed(cfg))
+    dev = adapt.x.device
+    adapt = adapt.take(torch.randperm(len(adapt), generator=gen)[: cfg.proxy_images].to(dev))
+    recipe = ATTACK_SPACE.recipe("direct-all/free", "adam", lr=cfg.proxy_lr, batch_size=cfg.proxy_batch)
+    m, _ = attack_start(model, None, recipe, 0, dev)
+    tc = replace(recipe.train_config(cfg.seed, str(dev)), epochs=1, amp=False)
+    train_run(StackRun(m, adapt, tc), "", batches=_draws(adapt, cfg.proxy_batch, cfg.proxy_steps, gen),
+              steps_per_epoch=cfg.proxy_steps)
     return evaluate(m, held)
+
+
+def _proxy_seed(cfg: HardenConfig) -> int:
+    return cfg.seed * 31 + 5
+
+
+def _step_seeds(cfg: HardenConfig, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Outer step `step`'s draws: the attacks it samples (numpy) and its batches and starts (torch), both from
+    (seed, step) alone, so a resumed hardening draws what an uninterrupted one would."""
+    return np.random.default_rng([cfg.seed, step]), torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
 
 
 def _shippable(model: nn.Module, src: TensorData) -> nn.Module:
@@ -266,6 +240,110 @@ def _clip_(grads: dict[str, torch.Tensor], max_norm: float) -> float:
     return norm
 
 
+@dataclass
+class _State:
+    """What a hardening carries between outer steps (and saves at each checkpoint)."""
+
+    opt: torch.optim.Optimizer
+    best: dict  # state, opt, step, proxy: the checkpoint that ships
+    start: int
+    weight: float  # the suppression weight (halved at each rollback)
+    history: list[dict]
+
+
+@dataclass
+class _Data:
+    src: TensorData
+    src_held: TensorData
+    tgt: TensorData
+    tgt_held: TensorData
+    floor: float  # held-out source accuracy below which a step rolls back
+
+
+def _meta_gradient(model: nn.Module, mask: MaskSet | None, d: _Data, cfg: HardenConfig, step: int,
+                   window: list[tuple[float, float]]) -> tuple[dict[str, torch.Tensor], torch.Generator]:
+    """The mean of `attacks` sampled attacks' meta-gradients, each scaled to unit norm (a kept head's large
+    gradient must not drown the re-initialised heads'), clipped to `meta_clip`."""
+    rng, gen = _step_seeds(cfg, step)
+    meta: dict[str, torch.Tensor] = {}
+    for _ in range(cfg.attacks):
+        atk, images = sample_attack(rng, cfg, len(d.tgt))
+        sim = simulate(model, mask, atk, images, d.tgt, d.tgt_held, cfg, gen)
+        if sim is None:
+            continue
+        g, loss, acc = sim
+        scale = 1.0 / (cfg.attacks * max(_norm(g), 1e-12))
+        for n, v in g.items():
+            meta[n] = meta[n] + v * scale if n in meta else v * scale
+        window.append((loss, acc))
+    _clip_(meta, cfg.meta_clip)
+    return meta, gen
+
+
+def _outer_step(model: nn.Module, teacher: nn.Module, mask: MaskSet | None, st: _State, d: _Data,
+                meta: dict[str, torch.Tensor], gen: torch.Generator, cfg: HardenConfig) -> None:
+    """One Adam step on the source terms (CE + distillation to the input model) plus the weighted meta-gradient;
+    pruned weights stay exactly 0."""
+    model.train()
+    s = _batch(d.src, cfg.batch_size, gen)
+    xs = augment(normalize(s.x), gen, cfg.augment_shift)
+    out = model(xs).float()
+    t = cfg.kd_temperature
+    with torch.no_grad():
+        soft = F.softmax(teacher(xs).float() / t, dim=1)
+    kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
+    st.opt.zero_grad(set_to_none=True)
+    (F.cross_entropy(out, s.y) + cfg.kd_weight * kd).backward()
+    params = dict(model.named_parameters())
+    for n, g in meta.items():
+        params[n].grad = g * st.weight if params[n].grad is None else params[n].grad + g * st.weight
+    if mask is not None:
+        mask.mask_grads_(model)
+    st.opt.step()
+    if mask is not None:
+        mask.zero_masked_(model)
+
+
+def _measure(model: nn.Module, st: _State, d: _Data, cfg: HardenConfig, step: int,
+             window: list[tuple[float, float]]) -> dict:
+    """The proxy and the held-out source accuracy of the file as it would ship; below the floor, back to the best
+    checkpoint with half the suppression, else a new best when the proxy did not rise."""
+    shipped = _shippable(model, d.src)
+    src_acc = evaluate(shipped, d.src_held)
+    proxy = proxy_attack(shipped, d.tgt, d.tgt_held, cfg)
+    row = {"step": step, "source": src_acc, "proxy": proxy, "weight": st.weight,
+           "sim_loss": float(np.mean([w[0] for w in window])) if window else float("nan"),
+           "sim_acc": float(np.mean([w[1] for w in window])) if window else float("nan")}
+    if src_acc < d.floor:
+        model.load_state_dict(st.best["state"])
+        st.opt.load_state_dict(copy.deepcopy(st.best["opt"]))
+        st.weight /= 2
+        row["rolled_back_to"] = st.best["step"]
+    elif proxy <= st.best["proxy"]:
+        st.best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(st.opt.state_dict()),
+                   "step": step, "proxy": proxy}
+    st.history.append(row)
+    return row
+
+
+def _begin(model: nn.Module, d: _Data, cfg: HardenConfig, checkpoints: Checkpoints, dev) -> _State:
+    """A resumed hardening's state, or a fresh one whose first candidate to ship is the input itself."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    saved = checkpoints.load("harden", dev)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        best = {"state": saved["best_state"], "opt": saved["best_opt"], "step": int(saved["best_step"]),
+                "proxy": float(saved["best_proxy"])}
+        return _State(opt, best, int(saved["step"]), float(saved["weight"]), json.loads(saved["history"]))
+    shipped = _shippable(model, d.src)
+    best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": 0,
+            "proxy": proxy_attack(shipped, d.tgt, d.tgt_held, cfg)}
+    history = [{"step": 0, "source": evaluate(shipped, d.src_held), "input_source": d.floor + cfg.source_floor,
+                "proxy": best["proxy"], "weight": cfg.suppress_weight}]
+    return _State(opt, best, 0, cfg.suppress_weight, history)
+
+
 def run_harden(model: nn.Module, data: ProtectionData, cfg: HardenConfig, checkpoints: Checkpoints) -> MethodResult:
     dev = data.device
     model = model.to(dev)
@@ -274,97 +352,38 @@ def run_harden(model: nn.Module, data: ProtectionData, cfg: HardenConfig, checkp
         mask.zero_masked_(model)
     src, src_held = _split(data.source, cfg.source_fraction, cfg.holdout, cfg.seed)
     tgt, tgt_held = _split(data.target, cfg.target_fraction, cfg.holdout, cfg.seed + TARGET_SEED_OFFSET)
-    tgt_n, tgt_held_n = _normalized(tgt), _normalized(tgt_held)
+    d = _Data(src, src_held, tgt, tgt_held, evaluate(model, src_held) - cfg.source_floor)  # the input, eval mode
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    floor = evaluate(model, src_held) - cfg.source_floor  # the input file as shipped, eval mode
-
     for p in model.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    st = checkpoints.load("harden", dev)
-    if st is not None:
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        best = {"state": st["best_state"], "opt": st["best_opt"], "step": int(st["best_step"]),
-                "proxy": float(st["best_proxy"])}
-        start, weight, history = int(st["step"]), float(st["weight"]), json.loads(st["history"])
-    else:  # the input is the first candidate to ship
-        start, weight = 0, cfg.suppress_weight
-        shipped = _shippable(model, src)
-        best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": 0,
-                "proxy": proxy_attack(shipped, tgt_n, tgt_held, cfg)}
-        history = [{"step": 0, "source": evaluate(shipped, src_held), "input_source": floor + cfg.source_floor,
-                    "proxy": best["proxy"], "weight": weight}]
-
-    bar = progress(range(start, cfg.outer_steps), desc="harden", total=cfg.outer_steps - start)
+    st = _begin(model, d, cfg, checkpoints, dev)
+    bar = progress(range(st.start, cfg.outer_steps), desc="harden", total=cfg.outer_steps - st.start)
     window: list[tuple[float, float]] = []
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, step])
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        meta: dict[str, torch.Tensor] = {}
-        for _ in range(cfg.attacks):
-            g, loss, acc = simulate(model, mask, sample_attack(rng, cfg, len(tgt_n)), tgt_n, tgt_held_n, cfg, gen, tgt)
-            scale = 1.0 / (cfg.attacks * max(_norm(g), 1e-12))  # unit norm each: a kept head's large gradient
-            for n, v in g.items():                               # must not drown the re-initialised heads'
-                meta[n] = meta[n] + v * scale if n in meta else v * scale
-            window.append((loss, acc))
-        _clip_(meta, cfg.meta_clip)
-
-        model.train()
-        s = _batch(src, cfg.batch_size, gen)
-        xs = augment(normalize(s.x), gen, cfg.augment_shift)
-        out = model(xs).float()
-        with torch.no_grad():
-            soft = F.softmax(teacher(xs).float() / 2.0, dim=1)
-        kd = F.kl_div(F.log_softmax(out / 2.0, dim=1), soft, reduction="batchmean") * 4.0
-        opt.zero_grad(set_to_none=True)
-        (F.cross_entropy(out, s.y) + cfg.kd_weight * kd).backward()
-        params = dict(model.named_parameters())
-        for n, g in meta.items():
-            params[n].grad = g * weight if params[n].grad is None else params[n].grad + g * weight
-        if mask is not None:
-            mask.mask_grads_(model)
-        opt.step()
-        if mask is not None:
-            mask.zero_masked_(model)
-
+        meta, gen = _meta_gradient(model, mask, d, cfg, step, window)
+        _outer_step(model, teacher, mask, st, d, meta, gen, cfg)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.outer_steps:
-            shipped = _shippable(model, src)
-            src_acc = evaluate(shipped, src_held)
-            proxy = proxy_attack(shipped, tgt_n, tgt_held, cfg)
-            row = {"step": step + 1, "source": src_acc, "proxy": proxy, "weight": weight,
-                   "sim_loss": float(np.mean([w[0] for w in window])),
-                   "sim_acc": float(np.mean([w[1] for w in window]))}
+            row = _measure(model, st, d, cfg, step + 1, window)
             window = []
-            if src_acc < floor:  # below the floor: back to the best checkpoint, half the suppression
-                model.load_state_dict(best["state"])
-                opt.load_state_dict(copy.deepcopy(best["opt"]))
-                weight /= 2
-                row["rolled_back_to"] = best["step"]
-            elif proxy <= best["proxy"]:
-                best = {"state": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-                        "step": step + 1, "proxy": proxy}
-            history.append(row)
-            bar.set_postfix(source=f"{src_acc * 100:.1f}%", proxy=f"{proxy * 100:.1f}%",
+            bar.set_postfix(source=f"{row['source'] * 100:.1f}%", proxy=f"{row['proxy'] * 100:.1f}%",
                             sim=f"{row['sim_acc'] * 100:.1f}%", loss=f"{row['sim_loss']:.3f}")
-            checkpoints.save("harden", _payload(model, opt, best, step + 1, weight, history))
+            checkpoints.save("harden", _payload(model, st, step + 1))
 
-    model.load_state_dict(best["state"])
+    model.load_state_dict(st.best["state"])
     reestimate_bn(model, src, batch_size=256)
     model.eval()
     out_mask = mask.cpu() if mask is not None else MaskSet.ones(model.cpu(), prunable_names(model, "encoder"))
-    return MethodResult(model, out_mask, history,
-                        notes={"shipped_step": best["step"], "proxy_accuracy": best["proxy"],
-                               "source_floor": floor})
+    return MethodResult(model, out_mask, st.history,
+                        notes={"shipped_step": st.best["step"], "proxy_accuracy": st.best["proxy"],
+                               "source_floor": d.floor})
 
 
-def _payload(model: nn.Module, opt: torch.optim.Optimizer, best: dict, step: int, weight: float,
-             history: list[dict]) -> dict:
-    return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "weight": weight,
-            "best_state": best["state"], "best_opt": best["opt"], "best_step": best["step"],
-            "best_proxy": best["proxy"], "history": json.dumps(history)}
+def _payload(model: nn.Module, st: _State, step: int) -> dict:
+    return {"model": model.state_dict(), "opt": st.opt.state_dict(), "step": step, "weight": st.weight,
+            "best_state": st.best["state"], "best_opt": st.best["opt"], "best_step": st.best["step"],
+            "best_proxy": st.best["proxy"], "history": json.dumps(st.history)}
 
 
 METHOD = register_method(

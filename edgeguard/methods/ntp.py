@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..bn_stats import reestimate_bn
 from ..config import param
 from ..errors import EdgeguardError
 from ..masks import MaskSet, prunable_names
@@ -238,30 +239,6 @@ def recovery_objective(ce_s: torch.Tensor, ce_t: torch.Tensor, cfg: NtpConfig,
     return loss
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = BN_BATCH,
-                   max_batches: int = BN_MAX_BATCHES) -> None:
-    """Re-estimate every BN layer's running statistics on `data` (cumulative average), then eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [(m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    g = torch.Generator(device="cpu").manual_seed(0)
-    perm = torch.randperm(len(data), generator=g)
-    for i, start in enumerate(range(0, len(data), batch_size)):
-        if i >= max_batches:
-            break
-        idx = perm[start : start + batch_size].to(data.x.device)
-        model(normalize(data.x[idx]))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.eval()
-
-
 def train_head(model: nn.Module, data: TensorData, cfg: NtpConfig, device: torch.device, desc: str) -> None:
     """A linear probe: train `model.head` on `data` with the encoder frozen (its BN stays in eval mode)."""
     for p in model.encoder.parameters():
@@ -361,10 +338,12 @@ def run_ntp(model: nn.Module, data: ProtectionData, cfg: NtpConfig, checkpoints:
 
     mask = MaskSet({n: M[n].detach().clone() for n in names})
     mask.bake_(model)
-    recalibrate_bn(model, src)
+    reestimate_bn(model, src, BN_BATCH, BN_MAX_BATCHES, shuffle_seed=0)
+    model.eval()  # the recovery's head training keeps the encoder's statistics
     if cfg.recovery_epochs:
         _recover(model, h_t, src, tgt, mask, cfg, data.num_classes, dev)
-        recalibrate_bn(model, src)
+        reestimate_bn(model, src, BN_BATCH, BN_MAX_BATCHES, shuffle_seed=0)
+    model.eval()
     return MethodResult(model, mask.cpu(), history)
 
 

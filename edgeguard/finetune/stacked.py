@@ -29,8 +29,8 @@ from torch import nn
 
 from ..devices import autocast, resolve_device
 from ..errors import EdgeguardError
-from ..masks import MaskSet
-from ..training import TensorData, TrainConfig, epoch_generator, iterate_batches, lr_factor, recipe_input
+from ..training import TrainConfig, epoch_generator, iterate_batches, lr_factor, recipe_input
+from .run import StackRun
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,6 @@ _PASSTHROUGH = {"ReLU", "ReLU6", "Hardswish", "Hardsigmoid", "SiLU", "GELU", "Si
                 "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Flatten", "Dropout",
                 "Sequential", "Classifier", "BasicBlock", "Bottleneck", "InvertedResidual", "SqueezeExcitation",
                 "Conv2dNormActivation"}
-
-
-@dataclass
-class StackRun:
-    """One fine-tuning run: its start (already head-reset), subset, recipe, and mask (None: weights regrow)."""
-
-    model: nn.Module
-    data: TensorData
-    cfg: TrainConfig
-    mask: MaskSet | None = None
-    head_only: bool = False
-
-    def batch_sizes(self) -> list[int]:
-        n, b = len(self.data), self.cfg.batch_size
-        per_epoch = [b] * (n // b) + ([n % b] if n % b else [])
-        return per_epoch * self.cfg.epochs
 
 
 class _Active:
@@ -338,34 +322,28 @@ def can_stack(runs: list[StackRun]) -> str | None:
     return None
 
 
-def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
-                on_done: Callable[[int, nn.Module], None] | None = None,
-                progress: Callable[[int], None] | None = None) -> list[nn.Module] | None:
-    """Train `runs` together; returns each run's trained model (its start is never modified), or None when the
-    architecture cannot be stacked (the caller then trains the runs one by one).
+@dataclass
+class _Stack:
+    """A built stack ready to train: the stacked net, its run selector, masks, trainable weights, optimizer."""
 
-    `on_done(i, model)` is called as soon as run i has finished (small runs finish first), so the caller can
-    log it before the stack ends; `progress(steps)` after each tick with the number of run-steps it trained.
-    """
-    if not runs:
-        return []
-    why = can_stack(runs)
-    if why:
-        raise EdgeguardError(why)
-    dev = resolve_device(device)
-    for r in runs:
-        r.cfg.validate()
-        if len(r.data) == 0:
-            raise EdgeguardError("the training set is empty")
+    net: nn.Module
+    active: _Active
+    masks: dict[str, torch.Tensor]
+    named: dict[str, nn.Parameter]
+    trainable: list[nn.Parameter]
+    opt: _StackedOptimizer
+
+
+def _ready(runs: list[StackRun], dev: torch.device) -> _Stack | None:
+    """Build the stack (None: the architecture cannot be stacked), set what trains and its modes, zero the
+    masked weights."""
     built = build_stack([r.model for r in runs], dev)
     if built is None:
         return None
     net, active = built
-    k = len(runs)
-    head_only = runs[0].head_only
     for p in net.parameters():
         p.requires_grad_(True)
-    if head_only:
+    if runs[0].head_only:
         for p in net.encoder.parameters():
             p.requires_grad_(False)
         net.eval()
@@ -378,17 +356,74 @@ def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
         for n, m in masks.items():
             named[n].mul_(m)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    opt = _StackedOptimizer(trainable, [r.cfg for r in runs], runs[0].cfg.optimizer)
+    return _Stack(net, active, masks, named, trainable,
+                  _StackedOptimizer(trainable, [r.cfg for r in runs], runs[0].cfg.optimizer))
+
+
+def _tick(st: _Stack, runs: list[StackRun], ids: list[int], batches: list, totals: list[int],
+          dev: torch.device) -> None:
+    """One step of the runs `ids` on their next batches (the others' weights and optimizer state untouched)."""
+    k = len(runs)
+    st.active.idx = None if len(ids) == k else torch.tensor(ids, device=dev)
+    xs = torch.stack([b[0] for b in batches])
+    ys = torch.stack([b[1] for b in batches])
+    cfg0 = runs[0].cfg
+    with autocast(dev, cfg0.amp, cfg0.cpu_bf16):
+        logits = _stacked_forward(st.net, xs, cfg0.channels_last)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), ys, reduction="none").mean(1)
+    if not torch.isfinite(losses).all():
+        raise EdgeguardError("a fine-tuning run's loss became non-finite; lower the learning rate")
+    for p in st.trainable:
+        p.grad = None
+    losses.sum().backward()
+    for n, m in st.masks.items():
+        g = st.named[n].grad
+        if g is not None:
+            g.mul_(m)
+    lr_scale = None
+    if any(r.cfg.scheduler != "none" for r in runs):
+        lr_scale = torch.tensor([lr_factor(r.cfg.scheduler, int(st.opt.step_count[i]), totals[i])
+                                 for i, r in enumerate(runs)], dtype=torch.float64)
+    st.opt.step(None if st.active.idx is None else st.active.idx.cpu(), lr_scale)
+    with torch.no_grad():
+        for n, m in st.masks.items():
+            st.named[n].mul_(m)
+    st.active.idx = None
+
+
+def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
+                on_done: Callable[[int, nn.Module], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> list[nn.Module] | None:
+    """Train `runs` together; returns each run's trained model (its start is never modified), or None when the
+    architecture cannot be stacked (the caller then trains the runs one by one).
+
+    `on_done(i, model)` is called as soon as run i has finished (small runs finish first), so the caller can
+    log it before the stack ends; `progress(steps)` after each tick with the number of run-steps it trained.
+    Each tick trains the runs whose next batch has the size the most runs are waiting on.
+    """
+    if not runs:
+        return []
+    why = can_stack(runs)
+    if why:
+        raise EdgeguardError(why)
+    dev = resolve_device(device)
+    for r in runs:
+        r.cfg.validate()
+        if len(r.data) == 0:
+            raise EdgeguardError("the training set is empty")
+    st = _ready(runs, dev)
+    if st is None:
+        return None
+    k = len(runs)
     sizes = [r.batch_sizes() for r in runs]
     pos = [0] * k
     streams = [_run_batches(r, dev) for r in runs]
     totals = [max(1, len(s)) for s in sizes]
-    scheduled = any(r.cfg.scheduler != "none" for r in runs)
     results: list[nn.Module | None] = [None] * k
     pending_done = [i for i in range(k) if not sizes[i]]
     while True:
         for i in pending_done:
-            results[i] = _unstack(net, runs[i], i)
+            results[i] = _unstack(st.net, runs[i], i)
             if on_done:
                 on_done(i, results[i])
         pending_done = []
@@ -398,31 +433,7 @@ def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
         counts = Counter(s for s, _ in waiting)
         size = max(counts, key=lambda s: (counts[s], s))
         ids = [i for s, i in waiting if s == size]
-        active.idx = None if len(ids) == k else torch.tensor(ids, device=dev)
-        batches = [next(streams[i]) for i in ids]
-        xs = torch.stack([b[0] for b in batches])
-        ys = torch.stack([b[1] for b in batches])
-        with autocast(dev, runs[0].cfg.amp, runs[0].cfg.cpu_bf16):
-            logits = _stacked_forward(net, xs, runs[0].cfg.channels_last)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), ys, reduction="none").mean(1)
-        if not torch.isfinite(losses).all():
-            raise EdgeguardError("a fine-tuning run's loss became non-finite; lower the learning rate")
-        for p in trainable:
-            p.grad = None
-        losses.sum().backward()
-        for n, m in masks.items():
-            g = named[n].grad
-            if g is not None:
-                g.mul_(m)
-        lr_scale = None
-        if scheduled:
-            lr_scale = torch.tensor([lr_factor(r.cfg.scheduler, int(opt.step_count[i]), totals[i])
-                                     for i, r in enumerate(runs)], dtype=torch.float64)
-        opt.step(None if active.idx is None else active.idx.cpu(), lr_scale)
-        with torch.no_grad():
-            for n, m in masks.items():
-                named[n].mul_(m)
-        active.idx = None
+        _tick(st, runs, ids, [next(streams[i]) for i in ids], totals, dev)
         for i in ids:
             pos[i] += 1
             if pos[i] == len(sizes[i]):
@@ -430,4 +441,3 @@ def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
         if progress:
             progress(len(ids))
     return results
-

@@ -1,4 +1,4 @@
-"""Fine-tuning attacks: the buyer owns the weights and fine-tunes a copy on n labelled target samples.
+"""The attacker's recipe: what a fine-tuning attack trains and how, parsed in one place.
 
 Four usual target-fine-tuning attacks come from two switches: which weights train (`all` or `head`) and
 whether the head is `kept` or `reinit` (direct-all, direct-head, initFC-all, initFC-head). A third switch
@@ -6,25 +6,16 @@ says what happens to pruned weights: `masked` (they stay 0, the papers' protocol
 back: the buyer owns the file) or `regrow` (they restart from small random values, so zeros behind a ReLU
 cannot stay dead). Beyond the optimizer and its schedule, two attacker moves happen before fine-tuning:
 `bn=reestimate` re-estimates BatchNorm statistics on the attacker's subset, and `source_fraction` first
-fine-tunes on a small source sample (TAR's switch attacker, TransNTL's repair). Accuracy is read after the
-last epoch, never the best one.
+fine-tunes on a small source sample (TAR's switch attacker, TransNTL's repair).
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, field, fields
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
-import torch
-from torch import nn
-
-from ..devices import resolve_device
 from ..errors import EdgeguardError
-from ..finetune.moves import regrow_, reinit_head  # noqa: F401  (re-exported: the attack's moves)
-from ..masks import MaskSet
-from ..models import create_model
-from ..training import TensorData, TrainConfig, train_classifier
-from .stacked import StackRun
+from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 NAMED_ATTACKS = {
     "direct-all": ("all", "kept"),
@@ -32,7 +23,8 @@ NAMED_ATTACKS = {
     "initfc-all": ("all", "reinit"),
     "initfc-head": ("head", "reinit"),
 }
-
+CHOICES = {"train": ("all", "head"), "head": ("kept", "reinit"), "pruned": ("masked", "free", "regrow"),
+           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "bn": ("kept", "reestimate")}
 
 # Fields added after runs.jsonl keys existed: left out of a key at their default, so old keys still match.
 _KEY_DEFAULTS = {"augment_shift": 0, "schedule": "none", "bn": "kept", "source_fraction": 0.0}
@@ -57,13 +49,13 @@ class AttackRecipe:
     label: str = field(default="", compare=False)  # the name a suite gives it (not part of the key)
 
     def validate(self) -> None:
-        for name, val, allowed in (("train", self.train, ("all", "head")), ("head", self.head, ("kept", "reinit")),
-                                   ("pruned", self.pruned, ("masked", "free", "regrow")),
-                                   ("bn", self.bn, ("kept", "reestimate"))):
-            if val not in allowed:
-                raise EdgeguardError(f"attack {name} must be one of {', '.join(allowed)}, got {val!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise EdgeguardError(f"attack {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0 <= self.source_fraction <= 1:
             raise EdgeguardError(f"attack source_fraction must be in [0, 1], got {self.source_fraction}")
+        if self.augment_shift < 0:
+            raise EdgeguardError(f"attack augment_shift must be ≥ 0, got {self.augment_shift}")
         self.train_config(0, "cpu").validate()
 
     @property
@@ -115,7 +107,8 @@ class AttackRecipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> AttackRecipe:
-        """A recipe from a suite file's entry; unknown keys are an error that names them."""
+        """A recipe from a suite file's entry: every value checked against the field's declared type (an int
+        where a float is declared is widened; a bool is never a number); unknown keys name themselves."""
         known = {f.name for f in fields(cls)}
         extra = sorted(set(d) - known - {"attack", "name"})
         if extra:
@@ -123,24 +116,31 @@ class AttackRecipe:
         d = dict(d)
         label = d.pop("name", d.pop("label", ""))
         if "attack" in d:
-            train, head, pruned = _parse_name(d.pop("attack"))
+            train, head, pruned = parse_name(d.pop("attack"))
             d = {"train": train, "head": head, "pruned": pruned, **d}
-        try:
-            r = cls(**d, label=label)
-        except TypeError as e:
-            raise EdgeguardError(f"bad attack recipe {d}: {e}") from None
-        for f in fields(cls):
-            want = type(f.default)
-            v = getattr(r, f.name)
-            if want is float and isinstance(v, int) and not isinstance(v, bool):
-                object.__setattr__(r, f.name, float(v))
-            elif not isinstance(getattr(r, f.name), want):
-                raise EdgeguardError(f"attack setting {f.name} must be a {want.__name__}, got {v!r}")
+        values = {k: _typed(k, v) for k, v in d.items()}
+        r = cls(**values, label=str(label))
         r.validate()
         return r
 
 
-def _parse_name(spec: str) -> tuple[str, str, str]:
+_TYPES = typing.get_type_hints(AttackRecipe)
+
+
+def _typed(name: str, v):
+    """`v` as the declared type of field `name`, or a one-line error."""
+    want = _TYPES[name]
+    if want is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
+        raise EdgeguardError(f"attack setting {name} must be a {want.__name__}, got {v!r}")
+    if want is float and not math.isfinite(v):
+        raise EdgeguardError(f"attack setting {name} must be a finite number, got {v!r}")
+    return v
+
+
+def parse_name(spec: str) -> tuple[str, str, str]:
+    """`initfc-all/free` → (train, head, pruned); the pruned-weight mode defaults to masked."""
     name, _, pruned = str(spec).lower().partition("/")
     if name not in NAMED_ATTACKS:
         raise EdgeguardError(f"unknown attack {spec!r}; use one of {', '.join(NAMED_ATTACKS)} "
@@ -149,74 +149,13 @@ def _parse_name(spec: str) -> tuple[str, str, str]:
 
 
 def parse_attack(spec: str, **recipe) -> AttackRecipe:
-    """`direct-all/masked`, `initfc-head/free`, … (the pruned-weight mode defaults to masked)."""
-    train, head, pruned = _parse_name(spec)
+    """`direct-all/masked`, `initfc-head/free`, … with any other field as a keyword."""
+    train, head, pruned = parse_name(spec)
     r = AttackRecipe(train=train, head=head, pruned=pruned, **recipe)
     r.validate()
     return r
 
 
-def stratified_subset(y: np.ndarray, ratio: float, seed: int, num_classes: int) -> np.ndarray:
-    """Indices of round(ratio·N) samples drawn by seed, stratified by class, at least one per class present."""
-    if not 0 < ratio <= 1:
-        raise EdgeguardError(f"sample ratios must be in (0, 1], got {ratio}")
-    y = np.asarray(y)
-    rng = np.random.default_rng([seed, int(round(ratio * 1e6))])
-    n_total = max(int(round(ratio * len(y))), 1)
-    picked = []
-    present = [c for c in range(num_classes) if np.any(y == c)]
-    for c in present:
-        idx = np.flatnonzero(y == c)
-        k = max(1, int(round(n_total * len(idx) / len(y))))
-        picked.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
-    out = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-    return np.sort(out)
-
-
-def attack_start(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int,
-                 device: torch.device) -> tuple[nn.Module, MaskSet | None]:
-    """The attacker's starting copy (head re-initialised, pruned weights regrown if the recipe says so) and the
-    mask it keeps (None: pruned weights train freely)."""
-    m = copy.deepcopy(model).to(device)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    if recipe.head == "reinit":
-        reinit_head(m, seed + 7919)
-    use_mask = None
-    if mask is not None and recipe.pruned == "masked":
-        keep = {k: v for k, v in mask.masks.items()
-                if not (recipe.head == "reinit" and k.startswith("head."))}  # a new head is the attacker's own
-        use_mask = MaskSet(keep).to(device)
-    elif mask is not None and recipe.pruned == "regrow":
-        regrow_(m, mask, seed)
-    return m, use_mask
-
-
-def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,
-              seed: int, device: str = "auto", cpu_bf16: bool = False) -> nn.Module:
-    """Fine-tune a copy of `model` on `train` by `recipe`; returns the copy (the input is never modified)."""
-    dev = resolve_device(device)
-    m, use_mask = attack_start(model, mask, recipe, seed, dev)
-    return train_run(StackRun(m, train, recipe.train_config(seed, str(dev), cpu_bf16), use_mask,
-                              head_only=recipe.train == "head"), f"attack {recipe.name}")
-
-
-def train_run(run: StackRun, desc: str = "attack") -> nn.Module:
-    """One run trained on its own (the sequential path; the stacked engine trains many at once)."""
-    m = run.model
-    if run.head_only:
-        for p in m.encoder.parameters():
-            p.requires_grad_(False)
-        params, modules = list(m.head.parameters()), {"head": m.head}
-    else:
-        params, modules = list(m.parameters()), None
-    torch.manual_seed(run.cfg.seed)
-    train_classifier(m, run.data, run.cfg, params=params, mask=run.mask, train_modules=modules, desc=desc)
-    return m
-
-
-def scratch_model(arch: str, num_classes: int, seed: int, arch_args: dict | None = None) -> nn.Module:
-    """The baseline's starting point: the same architecture from random init, seeded."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return create_model(arch, num_classes, **(arch_args or {}))
+def scratch_recipe(recipe: AttackRecipe) -> AttackRecipe:
+    """What training from scratch uses of a recipe: the optimizer and its schedule, on everything."""
+    return replace(recipe, train="all", head="kept", pruned="masked", bn="kept", source_fraction=0.0)

@@ -1,0 +1,82 @@
+"""The attack space: every setting an attacker may choose, in one place. The robust suite's recipes, the
+random search's candidates and the hardening's simulated attacks are all drawn from `ATTACK_SPACE`, so the
+hardening trains against the attacker it is judged by."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .recipe import AttackRecipe, parse_attack
+
+
+@dataclass(frozen=True)
+class AttackSpace:
+    """Per optimizer: its learning-rate range (log-uniform) and weight decay; and the discrete choices."""
+
+    lr: dict[str, tuple[float, float]] = field(default_factory=lambda: {
+        "sgd": (1e-3, 1e-1), "adam": (1e-5, 3e-3), "adamw": (1e-5, 3e-3)})
+    weight_decay: dict[str, float] = field(default_factory=lambda: {"sgd": 8e-4, "adam": 8e-4, "adamw": 1e-2})
+    epochs: tuple[int, ...] = (10, 30, 60)
+    batch_sizes: tuple[int, ...] = (32, 64, 128)
+    schedules: tuple[str, ...] = ("none", "warmup-cosine")
+    heads: tuple[str, ...] = ("kept", "reinit")
+    pruned: tuple[str, ...] = ("masked", "free", "regrow")
+    bn: tuple[str, ...] = ("kept", "reestimate")
+
+    @property
+    def optimizers(self) -> tuple[str, ...]:
+        return ("sgd", "adam", "adamw")
+
+    def lr_span(self) -> tuple[float, float]:
+        """The lowest and highest learning rate of any optimizer."""
+        return min(lo for lo, _ in self.lr.values()), max(hi for _, hi in self.lr.values())
+
+    def recipe(self, spec: str, optimizer: str = "adam", **kw) -> AttackRecipe:
+        """A named attack with this optimizer and the space's weight decay for it (unless given)."""
+        kw.setdefault("weight_decay", self.weight_decay[optimizer])
+        return parse_attack(spec, optimizer=optimizer, **kw)
+
+    def search_draw(self, rng: np.random.Generator, label: str = "") -> AttackRecipe:
+        """One random-search candidate: any optimizer at a log-uniform lr over the whole span, epochs, batch,
+        schedule, head and BN uniformly; pruned weights free (the search's attacker owns the file)."""
+        opt = self.optimizers[int(rng.integers(len(self.optimizers)))]
+        lo, hi = self.lr_span()
+        lr = float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
+        pick = _picker(rng)
+        return AttackRecipe(train="all", head=pick(self.heads), pruned="free", optimizer=opt, lr=lr,
+                            weight_decay=self.weight_decay[opt], epochs=int(pick(self.epochs)),
+                            batch_size=int(pick(self.batch_sizes)), schedule=pick(self.schedules), bn=pick(self.bn),
+                            label=label)
+
+    def simulated_draw(self, rng: np.random.Generator, p_head_reinit: float, p_free: float,
+                       p_bn_reestimate: float) -> AttackRecipe:
+        """One simulated attack of the hardening: optimizer uniform, lr log-uniform over that optimizer's range,
+        a batch size, the head re-initialised, pruned weights free / regrowing / masked and BN re-estimated
+        with the given probabilities (its length is the hardening's, not a number of epochs)."""
+        opt = str(rng.choice(sorted(self.lr)))
+        lo, hi = self.lr[opt]
+        u = rng.random()
+        pruned = "free" if u < p_free else "regrow" if u < 2 * p_free else "masked"
+        lr = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        batch, reinit = int(rng.choice(self.batch_sizes)), bool(rng.random() < p_head_reinit)
+        bn = "reestimate" if rng.random() < p_bn_reestimate else "kept"
+        return AttackRecipe(train="all", head="reinit" if reinit else "kept", pruned=pruned, optimizer=opt, lr=lr,
+                            weight_decay=self.weight_decay[opt], batch_size=batch, bn=bn)
+
+    def contains(self, r: AttackRecipe) -> bool:
+        """Whether a recipe's optimizer settings lie inside the space (the suites' recipes must)."""
+        lo, hi = self.lr[r.optimizer]
+        return (lo <= r.lr <= hi and r.weight_decay == self.weight_decay[r.optimizer] and r.head in self.heads
+                and r.pruned in self.pruned and r.bn in self.bn)
+
+
+def _picker(rng: np.random.Generator):
+    def pick(choices):
+        return choices[int(rng.integers(len(choices)))]
+
+    return pick
+
+
+ATTACK_SPACE = AttackSpace()
