@@ -229,90 +229,22 @@ def swap_into_place(new: Path, out_dir: Path) -> None:
 
 def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, sign_key, build_local_engine,
                 runtime_wheel: bool) -> dict:
+    """Every file of the bundle into `tmp`, then the manifest (and its signature) that lists them."""
     masks = {k: np.asarray(v, bool) for k, v in desc.masks.items()}
     bits, layout = maskbits.pack(masks)
     mask_sha = maskbits.digest(bits)
     (tmp / "mask.bits").write_bytes(bits)
-    onnx_fp32 = tmp / ("model.onnx" if precision != "int8" else "model_fp32.onnx")
-    meta = {"edgeguard_format": "1", "edgeguard_mask_sha256": mask_sha, "edgeguard_method": desc.method,
-            "edgeguard_normalisation": "manifest"}
-    try:
-        exported = onnx_export.export_onnx(model, masks, onnx_fp32, desc.input_shape, metadata=meta)
-        mapping = exported.mapping
-        xa = _normalise(desc.authorised.x, desc)
-        par = onnx_export.parity(model, onnx_fp32, xa[:256])
-    except onnx_export.ExportError as e:
-        raise BuildError(f"export: {e}") from None
-    model_path = onnx_fp32
-    result = {"parity": par, "precision": precision, "exporter": exported.exporter,
-              "exporter_fallback_reason": exported.fallback_reason}
-    if precision == "int8":
-        model_path = tmp / "model.onnx"
-        quantize.quantize_qdq(onnx_fp32, model_path, xa[:256])
-        mapping = quantize.remap_initializers(model_path, mapping)
-        import onnx
-
-        qm = onnx.load(str(model_path))
-        for k, v in meta.items():
-            e = qm.metadata_props.add()
-            e.key, e.value = k, v
-        model_path.write_bytes(qm.SerializeToString())
-        _, p32 = _ort_accuracy(onnx_fp32, xa, desc.authorised.y)
-        _, p8 = _ort_accuracy(model_path, xa, desc.authorised.y)
-        result["int8_top1_agreement"] = float((p32 == p8).mean())
-        onnx_fp32.unlink()
-    files_needed = onnx_export.model_files(model_path)
-
-    os.makedirs(tmp / "validation", exist_ok=True)
-    checks = []
-    for role, ds in [("authorised", desc.authorised)] + [("unauthorised", u) for u in desc.unauthorised]:
-        rel = f"validation/{role}_{ds.name.replace(':', '_').replace('/', '_')}.npz"
-        (tmp / rel).write_bytes(_npz_bytes(ds.x, ds.y))
-        acc, _ = _ort_accuracy(model_path, _normalise(ds.x, desc), ds.y)
-        checks.append(DomainCheck(
-            name=ds.name, file=rel, sha256=sha256_file(tmp / rel), samples=int(len(ds.y)), accuracy=acc,
-            min_accuracy=max(0.0, acc - desc.authorised_tolerance) if role == "authorised" else None,
-            max_accuracy=min(1.0, acc + desc.unauthorised_margin) if role == "unauthorised" else None))
+    model_path, exported, mapping, result = _export(tmp, model, desc, masks, mask_sha, precision)
+    checks = _validation_sets(tmp, model_path, desc)
     result["accuracy"] = {c.name: c.accuracy for c in checks}
-
     sparse_24 = _is_24(masks)
-    strongly = prof.tensorrt_version is not None and tensorrt_build.major_version(prof.tensorrt_version) >= 11
-    trtexec_line = tensorrt_build.trtexec_command("model.onnx", "model.engine", precision, sparse_24,
-                                                  prof.workspace_mb or 1024, prof.dla, strongly)
-    script = ["#!/bin/sh", "# Build the TensorRT engine ON THIS DEVICE (engines are tied to the GPU and the TensorRT",
-              "# version). Never add --sparsity=force: it would rewrite the learned mask.",
-              "# A device-level cache keyed by (model.onnx sha256, TensorRT version, compute capability, precision)",
-              "# makes a re-deploy of the same model build nothing (python3 -m runtime.engine_cache).", "set -e",
-              'cd "$(dirname "$0")"', 'PY="${EDGEGUARD_PYTHON:-python3}"',
-              'if "$PY" -m runtime.engine_cache lookup . 2>/dev/null; then exit 0; fi',
-              'TC="$("$PY" -m runtime.engine_cache timing-cache 2>/dev/null || echo timing.cache)"',
-              trtexec_line.replace("--timingCacheFile=timing.cache", '--timingCacheFile="$TC"'),
-              '"$PY" -m runtime.engine_cache store . 2>/dev/null || true',
-              'echo "engine: model.engine; validate with: edgeguard-runtime validate . --public-key vendor.pub '
-              '--engine model.engine"']
-    (tmp / "build_engine.sh").write_text("\n".join(script) + "\n")
-    os.chmod(tmp / "build_engine.sh", 0o755)
-    engine_info = None
-    if prof.name == "tensorrt" and build_local_engine and tensorrt_build.is_available():
-        info = tensorrt_build.build_engine(model_path, tmp / "model.engine", precision, sparse_24,
-                                           prof.workspace_mb, tmp / "timing.cache")
-        engine_info = EngineSpec(file="model.engine", sha256=sha256_file(tmp / "model.engine"),
-                                 tensorrt_version=info["tensorrt_version"])
+    engine_info = _engine_files(tmp, model_path, prof, precision, sparse_24, build_local_engine)
     pipeline_files = write_pipeline_configs(tmp, desc, precision, onnx_path=model_path)
     if runtime_wheel:  # the device can install the runtime from the bundle itself, offline
         write_wheel(tmp / "runtime")
     (tmp / "README.txt").write_text(_readme(tmp, prof.name, precision, desc.input_shape,
                                                  signed=sign_key is not None))
-
-    files = [FileEntry("build_engine.sh", sha256_file(tmp / "build_engine.sh"), (tmp / "build_engine.sh").stat().st_size),
-             FileEntry("README.txt", sha256_file(tmp / "README.txt"), (tmp / "README.txt").stat().st_size)]
-    for rel in pipeline_files:
-        files.append(FileEntry(rel, sha256_file(tmp / rel), (tmp / rel).stat().st_size))
-    for whl in sorted((tmp / "runtime").glob("*.whl")):
-        files.append(FileEntry(f"runtime/{whl.name}", sha256_file(whl), whl.stat().st_size))
-    for extra in files_needed:
-        if extra != model_path:
-            files.append(FileEntry(extra.name, sha256_file(extra), extra.stat().st_size))
+    files = _listed_files(tmp, pipeline_files, onnx_export.model_files(model_path), model_path)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -342,6 +274,95 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
     result.update(signed=sign_key is not None, sparse_24=sparse_24, model_bytes=model_path.stat().st_size,
                   target=prof.name, engine_built=engine_info is not None)
     return result
+
+
+def _export(tmp: Path, model, desc: ModelDescription, masks: dict, mask_sha: str, precision: str):
+    """model.onnx with the mask baked in (int8: QDQ-quantised from an fp32 export, which is then removed);
+    returns its path, the export record, the initializer mapping and the parity / agreement numbers."""
+    onnx_fp32 = tmp / ("model.onnx" if precision != "int8" else "model_fp32.onnx")
+    meta = {"edgeguard_format": "1", "edgeguard_mask_sha256": mask_sha, "edgeguard_method": desc.method,
+            "edgeguard_normalisation": "manifest"}
+    try:
+        exported = onnx_export.export_onnx(model, masks, onnx_fp32, desc.input_shape, metadata=meta)
+        mapping = exported.mapping
+        xa = _normalise(desc.authorised.x, desc)
+        par = onnx_export.parity(model, onnx_fp32, xa[:256])
+    except onnx_export.ExportError as e:
+        raise BuildError(f"export: {e}") from None
+    result = {"parity": par, "precision": precision, "exporter": exported.exporter,
+              "exporter_fallback_reason": exported.fallback_reason}
+    if precision != "int8":
+        return onnx_fp32, exported, mapping, result
+    model_path = tmp / "model.onnx"
+    quantize.quantize_qdq(onnx_fp32, model_path, xa[:256])
+    mapping = quantize.remap_initializers(model_path, mapping)
+    import onnx
+
+    qm = onnx.load(str(model_path))
+    for k, v in meta.items():
+        e = qm.metadata_props.add()
+        e.key, e.value = k, v
+    model_path.write_bytes(qm.SerializeToString())
+    _, p32 = _ort_accuracy(onnx_fp32, xa, desc.authorised.y)
+    _, p8 = _ort_accuracy(model_path, xa, desc.authorised.y)
+    result["int8_top1_agreement"] = float((p32 == p8).mean())
+    onnx_fp32.unlink()
+    return model_path, exported, mapping, result
+
+
+def _validation_sets(tmp: Path, model_path: Path, desc: ModelDescription) -> list[DomainCheck]:
+    """validation/*.npz and each domain's accuracy through onnxruntime, with the bounds the device checks."""
+    os.makedirs(tmp / "validation", exist_ok=True)
+    checks = []
+    for role, ds in [("authorised", desc.authorised)] + [("unauthorised", u) for u in desc.unauthorised]:
+        rel = f"validation/{role}_{ds.name.replace(':', '_').replace('/', '_')}.npz"
+        (tmp / rel).write_bytes(_npz_bytes(ds.x, ds.y))
+        acc, _ = _ort_accuracy(model_path, _normalise(ds.x, desc), ds.y)
+        checks.append(DomainCheck(
+            name=ds.name, file=rel, sha256=sha256_file(tmp / rel), samples=int(len(ds.y)), accuracy=acc,
+            min_accuracy=max(0.0, acc - desc.authorised_tolerance) if role == "authorised" else None,
+            max_accuracy=min(1.0, acc + desc.unauthorised_margin) if role == "unauthorised" else None))
+    return checks
+
+
+def _engine_files(tmp: Path, model_path: Path, prof, precision: str, sparse_24: bool, build_local_engine
+                  ) -> EngineSpec | None:
+    """build_engine.sh (the device builds its own engine, cached by runtime.engine_cache) and, where TensorRT
+    is here and the target asks for it, the engine itself."""
+    strongly = prof.tensorrt_version is not None and tensorrt_build.major_version(prof.tensorrt_version) >= 11
+    trtexec_line = tensorrt_build.trtexec_command("model.onnx", "model.engine", precision, sparse_24,
+                                                  prof.workspace_mb or 1024, prof.dla, strongly)
+    script = ["#!/bin/sh", "# Build the TensorRT engine ON THIS DEVICE (engines are tied to the GPU and the TensorRT",
+              "# version). Never add --sparsity=force: it would rewrite the learned mask.",
+              "# A device-level cache keyed by (model.onnx sha256, TensorRT version, compute capability, precision)",
+              "# makes a re-deploy of the same model build nothing (python3 -m runtime.engine_cache).", "set -e",
+              'cd "$(dirname "$0")"', 'PY="${EDGEGUARD_PYTHON:-python3}"',
+              'if "$PY" -m runtime.engine_cache lookup . 2>/dev/null; then exit 0; fi',
+              'TC="$("$PY" -m runtime.engine_cache timing-cache 2>/dev/null || echo timing.cache)"',
+              trtexec_line.replace("--timingCacheFile=timing.cache", '--timingCacheFile="$TC"'),
+              '"$PY" -m runtime.engine_cache store . 2>/dev/null || true',
+              'echo "engine: model.engine; validate with: edgeguard-runtime validate . --public-key vendor.pub '
+              '--engine model.engine"']
+    (tmp / "build_engine.sh").write_text("\n".join(script) + "\n")
+    os.chmod(tmp / "build_engine.sh", 0o755)
+    if not (prof.name == "tensorrt" and build_local_engine and tensorrt_build.is_available()):
+        return None
+    info = tensorrt_build.build_engine(model_path, tmp / "model.engine", precision, sparse_24,
+                                       prof.workspace_mb, tmp / "timing.cache")
+    return EngineSpec(file="model.engine", sha256=sha256_file(tmp / "model.engine"),
+                      tensorrt_version=info["tensorrt_version"])
+
+
+def _listed_files(tmp: Path, pipeline_files, files_needed, model_path: Path) -> list[FileEntry]:
+    """The manifest's file list: scripts, pipeline configs, the runtime wheel, external ONNX data."""
+    def entry(rel: str, path: Path) -> FileEntry:
+        return FileEntry(rel, sha256_file(path), path.stat().st_size)
+
+    files = [entry("build_engine.sh", tmp / "build_engine.sh"), entry("README.txt", tmp / "README.txt")]
+    files += [entry(rel, tmp / rel) for rel in pipeline_files]
+    files += [entry(f"runtime/{whl.name}", whl) for whl in sorted((tmp / "runtime").glob("*.whl"))]
+    files += [entry(extra.name, extra) for extra in files_needed if extra != model_path]
+    return files
 
 
 TRITON_MODEL = "edgeguard_classifier"

@@ -91,3 +91,16 @@ def test_the_attacker_lives_below_methods_and_evaluation():
     assert "torch.optim.SGD" not in harden and "torch.optim.AdamW" not in harden
     suites = (REPO / "edgeguard" / "evaluation" / "suites.py").read_text()
     assert "ATTACK_SPACE" in suites
+
+
+def test_no_long_functions_where_the_attack_and_the_methods_live():
+    """Functions in methods/, evaluation/, finetune/ and converters/bundle.py stay at 80 lines or fewer, each
+    split by job."""
+    files = [f for sub in ("methods", "evaluation", "finetune") for f in (REPO / "edgeguard" / sub).rglob("*.py")]
+    files.append(REPO / "converters" / "bundle.py")
+    long = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{f.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -146,6 +146,10 @@ def test_method_contract(method, sample_source, tmp_path, monkeypatch):
         assert writes, f"{method} wrote no checkpoint: nothing to resume from"
 
 
+# On a CPU with other float kernels the same runs take other paths from the first step: accuracies within 8
+# points (the sample's test sets hold 500 images; a changed method moves them further).
+FOREIGN_CPU_TOLERANCE = 0.08
+
 # Issue 20 changed the pseudo-source (and caps the masks) on purpose: the source-free and data-free cases no
 # longer match the pre-seam fingerprints; tests/test_synthesis.py and tests/test_map.py cover the new behaviour.
 CHANGED_SINCE = {"map_sf", "map_df"}
@@ -153,18 +157,22 @@ CHANGED_SINCE = {"map_sf", "map_df"}
 
 @pytest.mark.parametrize("name", [n for n in FINGERPRINTS if n not in CHANGED_SINCE])
 def test_behaviour_unchanged_since_before_the_seam(name, sample_source, tmp_path):
-    """The same masks, weights and accuracies, bit for bit, as protect_map / protect_ntp gave before."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512" or torch.get_num_threads() != 2:
-        pytest.skip("fingerprints were recorded with AVX512 kernels and 2 threads; float sums differ elsewhere")
+    """The same masks, weights and accuracies, bit for bit, as protect_map / protect_ntp gave before, on a CPU
+    whose kernels made a recorded table (AVX512, 2 threads, its sample source model's sha256); elsewhere float
+    sums differ from the first step on, so the accuracies are held within FOREIGN_CPU_TOLERANCE instead."""
     method, target, overrides, mask_sha, weights_sha, accs = FINGERPRINTS[name]
     machine = FINGERPRINTS_BY_SOURCE.get(weights_sha256(load_artifact(sample_source).model))
     if machine is not None:
         mask_sha, weights_sha, accs = machine[name]
+    recording_cpu = torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.get_num_threads() == 2
     r = protect(method, sample_source, tmp_path / f"{name}.safetensors", target=target, overrides=overrides,
                 device="cpu")
     art = load_artifact(tmp_path / f"{name}.safetensors")
-    assert art.mask.sha256() == mask_sha
-    assert weights_sha256(art.model) == weights_sha
     src, tgt = r.source, r.accuracy(TGT)
     got = (src.before, src.after, tgt.before if tgt else None, tgt.after if tgt else None)
+    if not recording_cpu:
+        assert got == pytest.approx(accs, abs=FOREIGN_CPU_TOLERANCE)
+        return
+    assert art.mask.sha256() == mask_sha
+    assert weights_sha256(art.model) == weights_sha
     assert got == pytest.approx(accs, abs=5e-4)

@@ -223,15 +223,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     names = prunable_names(model, cfg.layers)
     scores = MaskScores(model, names, cfg).to(device)
     source, target = source.to(device), target.to(device)
-    # Mask selection: held-out slices of the defender's source (or pseudo-source) and target images.
-    g = np.random.default_rng(cfg.seed + HOLDOUT_SEED_OFFSET)
-    n_hold = min(cfg.holdout, max(1, len(source) // 10))
-    perm = g.permutation(len(source))
-    held_src, source = source.take(perm[:n_hold]), source.take(perm[n_hold:]) if len(source) > n_hold else source
-    held_tgt = target.take(g.permutation(len(target))[: cfg.holdout])
-    with torch.no_grad():
-        frozen_src = predict_logits(model, held_src.x).argmax(1)
-        frozen_tgt = predict_logits(model, held_tgt.x).argmax(1)
+    source, held_src, held_tgt, frozen_src, frozen_tgt = _holdouts(model, source, target, cfg)
     for i, k in enumerate(scores.keep()):  # the best mask so far, checkpointed with the scores
         scores.register_buffer(f"best_{i}", k.clone())
     scores.register_buffer("best_score", torch.tensor(float("inf"), device=device))
@@ -287,13 +279,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     if cfg.repair_epochs:
         # Repair: restart the scores at ±margin from the chosen mask; the selection score is kept, so a
         # repaired mask replaces the chosen one only where it scores better.
-        held_model = copy.deepcopy(model)
-        chosen().bake_(held_model)
-        protected["model"] = held_model.eval()
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for i, sc in enumerate(scores.scores):
-                sc.copy_(initial_scores(params[names[i]].detach(), cfg.margin, getattr(scores, f"best_{i}")))
+        protected["model"] = _restart_at(model, scores, chosen(), names, cfg)
         rcfg = inner_recipe(cfg.repair_epochs, cfg.lr, cfg.batch_size, cfg.seed + REPAIR_SEED_OFFSET, device,
                             scheduler=cfg.scheduler)
         rstate = run_loop({"scores": scores}, scores.parameters(), rcfg, batches, step, end_of_epoch=end_of_epoch,
@@ -302,6 +288,32 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         history = history + [{**row, "phase": "repair"} for row in rstate.history]
     model.to(memory_format=torch.contiguous_format)
     return chosen().cpu(), history
+
+
+def _holdouts(model: nn.Module, source: TensorData, target: TensorData, cfg: MapConfig):
+    """Mask selection's held-out slices of the defender's source (or pseudo-source) and target images, with the
+    frozen model's answers on them; returns (source left to train on, held source, held target, answers)."""
+    g = np.random.default_rng(cfg.seed + HOLDOUT_SEED_OFFSET)
+    n_hold = min(cfg.holdout, max(1, len(source) // 10))
+    perm = g.permutation(len(source))
+    held_src, source = source.take(perm[:n_hold]), source.take(perm[n_hold:]) if len(source) > n_hold else source
+    held_tgt = target.take(g.permutation(len(target))[: cfg.holdout])
+    with torch.no_grad():
+        frozen_src = predict_logits(model, held_src.x).argmax(1)
+        frozen_tgt = predict_logits(model, held_tgt.x).argmax(1)
+    return source, held_src, held_tgt, frozen_src, frozen_tgt
+
+
+@torch.no_grad()
+def _restart_at(model: nn.Module, scores: MaskScores, chosen: MaskSet, names: list[str], cfg: MapConfig) -> nn.Module:
+    """The repair's start: scores at ±margin from the chosen mask; returns the chosen mask's model, whose
+    target answers the repair holds."""
+    held_model = copy.deepcopy(model)
+    chosen.bake_(held_model)
+    params = dict(model.named_parameters())
+    for i, sc in enumerate(scores.scores):
+        sc.copy_(initial_scores(params[names[i]].detach(), cfg.margin, getattr(scores, f"best_{i}")))
+    return held_model.eval()
 
 
 def _cap(d: TensorData, n: int | None, seed: int) -> TensorData:

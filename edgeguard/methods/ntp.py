@@ -260,6 +260,18 @@ def _n_batches(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+def _heads(model: nn.Module, tgt: TensorData, cfg: NtpConfig, dev) -> tuple[nn.Module, nn.Module]:
+    """(h_t, h_s), both frozen: a copy of the head trained on target data with the encoder frozen, and the
+    source model's own head."""
+    h_t_model = copy.deepcopy(model)
+    train_head(h_t_model, tgt, cfg, dev, "NTP h_t")
+    h_t = h_t_model.head.eval()
+    h_s = model.head.eval()
+    for p in list(h_t.parameters()) + list(h_s.parameters()):
+        p.requires_grad_(False)
+    return h_t, h_s
+
+
 def run_ntp(model: nn.Module, data: ProtectionData, cfg: NtpConfig, checkpoints: Checkpoints) -> MethodResult:
     """ADMM pruning with the non-transferable loss, then the masked source recovery (decisions 1-10)."""
     dev = data.device
@@ -267,13 +279,7 @@ def run_ntp(model: nn.Module, data: ProtectionData, cfg: NtpConfig, checkpoints:
     src = _fraction(data.source, cfg.source_fraction, cfg.seed)
     tgt = _fraction(data.target, cfg.target_fraction, cfg.seed + TARGET_SEED_OFFSET)
 
-    # h_t: a copy of the head trained on target data with the encoder frozen.
-    h_t_model = copy.deepcopy(model)
-    train_head(h_t_model, tgt, cfg, dev, "NTP h_t")
-    h_t = h_t_model.head.eval()
-    h_s = model.head.eval()
-    for p in list(h_t.parameters()) + list(h_s.parameters()):
-        p.requires_grad_(False)
+    h_t, h_s = _heads(model, tgt, cfg, dev)
 
     names = prunable_names(model, "encoder")
     params = dict(model.named_parameters())
@@ -331,9 +337,8 @@ def run_ntp(model: nn.Module, data: ProtectionData, cfg: NtpConfig, checkpoints:
         history.append({"iteration": it + 1, "sparsity": 1 - kept / total, "target_sparsity": s_k,
                         **state.history[-1]})
         payload = {"model": model.state_dict(), "h_t": h_t.state_dict(), "iteration": torch.tensor(it + 1),
-                   "history": json.dumps(history)}
-        for n in names:
-            payload[f"Z.{n}"], payload[f"U.{n}"], payload[f"M.{n}"] = Z[n], U[n], M[n]
+                   "history": json.dumps(history),
+                   **{f"{k}.{n}": v[n] for k, v in (("Z", Z), ("U", U), ("M", M)) for n in names}}
         checkpoints.save("ntp_admm", payload)
 
     mask = MaskSet({n: M[n].detach().clone() for n in names})
