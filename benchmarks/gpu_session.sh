@@ -32,7 +32,7 @@ DEV=cuda ARCH=resnet18 TRAIN_EPOCHS="" STEPS_SCALE=1 GRID_ARGS="" EPOCHS_GRID=30
 HARDEN_TINY="" LIMIT_SCALE=1
 if (( DRY )); then
     DEV=cpu ARCH=small_cnn SRC=mnist_sample TGT=usps_sample TRAIN_EPOCHS="--epochs 1" STEPS_SCALE=0 EPOCHS_GRID=1
-    GRID_ARGS="--grid 0.05,0.2" SUITE=paper SUITE_SEEDS=1 WORKERS=2 DEADLINE=${DRY_DEADLINE:-1800}
+    GRID_ARGS="--grid 0.05,0.2" SUITE=paper SUITE_SEEDS=1 WORKERS=1 DEADLINE=${DRY_DEADLINE:-1800}
     NTP_CONFIGS='{"iterations":1,"recovery_epochs":1,"head_epochs":1,"source_fraction":0.1,"target_fraction":0.1}'
     MAP_CONFIG='{"epochs":1,"repair_epochs":1}'
     HARDEN_TINY="--suite paper --csv $OUT/harden_frontier.csv --set outer_steps=2 --set eval_every=1 --set attacks=1
@@ -61,9 +61,9 @@ run_env() {
     (( DRY )) || step 60 nvidia-smi -L
     step 60 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 }
-run_throughput() {
+run_throughput() {  # the dry run measures one batch size (the large one is the same code)
     step 90 python3 benchmarks/bench_training.py --device $DEV --batch 128 --steps $(( 50 * STEPS_SCALE + 2 )) --archs small_cnn,$ARCH
-    step 90 python3 benchmarks/bench_training.py --device $DEV --batch $(( DRY ? 64 : 4096 )) --steps $(( 20 * STEPS_SCALE + 2 )) --archs $ARCH
+    (( DRY )) || step 90 python3 benchmarks/bench_training.py --device $DEV --batch 4096 --steps 20 --archs $ARCH
 }
 run_train() {
     local ep=$TRAIN_EPOCHS
@@ -91,7 +91,7 @@ run_map() {  # one row per setting in MAP_SETTINGS and seed
 }
 run_grid() {
     step 200 python3 benchmarks/bench_eval_grid.py "$R/r18_$SRC.safetensors" --target "$TGT" --epochs $EPOCHS_GRID \
-        --device $DEV $GRID_ARGS
+        --device $DEV $GRID_ARGS $( (( DRY )) && echo --variants processes stacked)
 }
 run_suite() {  # #17/#18: three seeds x the standard suite on resnet18 (target <= 60 s on an H100)
     step 200 $EG evaluate "$R/r18_$SRC.safetensors" --target "$TGT" --suite $SUITE --seeds $SUITE_SEEDS $GRID_ARGS \

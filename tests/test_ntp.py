@@ -61,7 +61,7 @@ def test_simulated_attack_learns_respects_the_mask_and_leaves_the_model_alone(mn
     import torch.nn.functional as F
 
     from edgeguard.domains import get_domain
-    from edgeguard.methods.ntp import simulated_attack_loss
+    from edgeguard.finetune.unrolled import simulated_attack_loss
     from edgeguard.training import normalize
 
     model = load_artifact(mnist_model).model.train()
@@ -101,7 +101,7 @@ def test_simulated_attack_term_makes_the_recovered_model_harder_to_fine_tune(mni
     """With sim_weight the recovery leaves a model whose (simulated) fine-tuned target loss on held-out USPS
     images is higher than after the plain recovery; the mask contract still holds."""
     from edgeguard.domains import get_domain
-    from edgeguard.methods.ntp import simulated_attack_loss
+    from edgeguard.finetune.unrolled import simulated_attack_loss
     from edgeguard.training import normalize
 
     base = {**FAST, "iterations": 3, "head_epochs": 1, "recovery_epochs": 2}
