@@ -121,6 +121,7 @@ def from_dict(cls, data: dict, where: str = "config"):
         raise EdgeguardError(f"{where}: expected an object of {cls.__name__} fields")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
+    data = {k: v for k, v in data.items() if k not in getattr(cls, "RETIRED", ())}  # removed experiments' keys
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise EdgeguardError(f"{where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(fields))}")

@@ -50,8 +50,12 @@ def test_protect_set_overrides_are_typed_and_checked():
 
     got = apply_overrides(MapConfig(), ["experimental.tgt_shift=1", "max_source=none", "epochs=3", "structure=2:4"])
     assert (got.experimental.tgt_shift, got.max_source, got.epochs, got.structure) == (1.0, None, 3, "2:4")
-    got = apply_overrides(NtpConfig(), ["loss=mmd", "alpha=0.5", "experimental.sim_weight=1"])
-    assert (got.loss, got.alpha, got.experimental.sim_weight) == ("mmd", 0.5, 1.0)
+    got = apply_overrides(NtpConfig(), ["loss=fisher", "alpha=0.5", "experimental.sim_weight=1"])
+    assert (got.loss, got.alpha, got.experimental.sim_weight) == ("fisher", 0.5, 1.0)
+    with pytest.raises(EdgeguardError, match="mmd"):  # the removed ablation
+        apply_overrides(NtpConfig(), ["loss=mmd"])
+    from edgeguard.config import from_dict  # a config file written before the removal still loads
+    assert from_dict(NtpConfig, {"loss": "fisher", "mmd_clip": 1.0, "mmd_ce_clip": 3.0}).loss == "fisher"
     for bad in ("tgt_shfit=1", "epochs=three", "novalue", "synth=3", "synth.nn=3", "synth.n=many", "setting=nope",
                 "lr=nan", "epochs.x=1", "synth.init=sideways"):
         with pytest.raises(EdgeguardError):
