@@ -29,10 +29,12 @@ MAP_LIMIT=${MAP_LIMIT:-200}
 SEEDS=${SEEDS:-1}
 FIRST_SEED=${FIRST_SEED:-0}
 DEV=cuda ARCH=resnet18 TRAIN_EPOCHS="" STEPS_SCALE=1 GRID_ARGS="" EPOCHS_GRID=30 SUITE=standard SUITE_SEEDS=3
+EXECUTOR=processes
 HARDEN_TINY="" LIMIT_SCALE=1
 if (( DRY )); then
     DEV=cpu ARCH=small_cnn SRC=mnist_sample TGT=usps_sample TRAIN_EPOCHS="--epochs 1" STEPS_SCALE=0 EPOCHS_GRID=1
-    GRID_ARGS="--grid 0.05,0.2" SUITE=paper SUITE_SEEDS=1 WORKERS=1 DEADLINE=${DRY_DEADLINE:-1800}
+    GRID_ARGS="--grid 0.05,0.2" SUITE=paper SUITE_SEEDS=1 WORKERS=1 EXECUTOR=local DEADLINE=${DRY_DEADLINE:-1800}
+    NTP_ATTACKS=direct-all/free MAP_ATTACKS=direct-all/free  # worker processes: the grid step runs them
     NTP_CONFIGS='{"iterations":1,"recovery_epochs":1,"head_epochs":1,"source_fraction":0.1,"target_fraction":0.1}'
     MAP_CONFIG='{"epochs":1,"repair_epochs":1}'
     HARDEN_TINY="--suite paper --csv $OUT/harden_frontier.csv --set outer_steps=2 --set eval_every=1 --set attacks=1
@@ -76,7 +78,7 @@ run_ntp() {  # one row per config in NTP_CONFIGS ('|'-separated JSON overrides)
     for cfg in "${cfgs[@]}"; do
         i=$((i + 1))
         step "$NTP_LIMIT" python3 benchmarks/bench_protect.py --method ntp --source "$R/r18_$SRC.safetensors" \
-            --target "$TGT" --seeds "$SEEDS" --executor processes --workers "$WORKERS" --device $DEV --out "$R/ntp$i" --config "$cfg" \
+            --target "$TGT" --seeds "$SEEDS" --executor $EXECUTOR --workers "$WORKERS" --device $DEV --out "$R/ntp$i" --config "$cfg" \
             --attacks "$NTP_ATTACKS" $GRID_ARGS
     done
 }
@@ -85,13 +87,13 @@ run_map() {  # one row per setting in MAP_SETTINGS and seed
     for setting in $MAP_SETTINGS; do
         step "$MAP_LIMIT" python3 benchmarks/bench_protect.py --method map --setting "$setting" \
             --source "$R/r18_$SRC.safetensors" --target "$TGT" --seeds "$SEEDS" --first-seed "$FIRST_SEED" \
-            --executor processes --workers "$WORKERS" --device $DEV --out "$R/map" --config "$MAP_CONFIG" --attacks "$MAP_ATTACKS" \
+            --executor $EXECUTOR --workers "$WORKERS" --device $DEV --out "$R/map" --config "$MAP_CONFIG" --attacks "$MAP_ATTACKS" \
             $GRID_ARGS
     done
 }
 run_grid() {
     step 200 python3 benchmarks/bench_eval_grid.py "$R/r18_$SRC.safetensors" --target "$TGT" --epochs $EPOCHS_GRID \
-        --device $DEV $GRID_ARGS $( (( DRY )) && echo --variants processes stacked)
+        --device $DEV $GRID_ARGS $( (( DRY )) && echo --variants processes)
 }
 run_suite() {  # #17/#18: three seeds x the standard suite on resnet18 (target <= 60 s on an H100)
     step 200 $EG evaluate "$R/r18_$SRC.safetensors" --target "$TGT" --suite $SUITE --seeds $SUITE_SEEDS $GRID_ARGS \

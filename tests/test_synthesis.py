@@ -3,7 +3,6 @@ check, at the same budget; the fidelity report and `edgeguard synthesize --repor
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from edgeguard.methods.synthesis import SynthesisConfig, keep_confident, synthes
 from edgeguard.training import TensorData
 
 BUDGET = dict(n=256, batch_size=128, iterations=120, seed=0, init="noise")
-EARLIER = dict(jitter=0, first_bn_weight=1.0, tv_weight=1e-3, lowres=0.0)  # the recipe before issue 20
 CHECK = FidelityConfig(steps=300)
 
 
@@ -27,18 +25,16 @@ def teacher_and_test(mnist_model, data_root):
     return art.model, TensorData.from_numpy(mnist.test_x[:2000], mnist.test_y[:2000])
 
 
-def test_new_recipe_distils_a_better_student_than_the_earlier_one(teacher_and_test):
+def test_recipe_distils_a_student_well_above_chance(teacher_and_test):
+    """The pseudo-source at a budget the suite affords teaches a student far above chance on real MNIST. The
+    comparison with the recipe before issue 20 (26.1 % against 9.9 % at this budget) is a benchmark's job:
+    RESULTS, "MAP without source data (issue 20)"."""
     teacher, test = teacher_and_test
-    new_cfg = SynthesisConfig(**BUDGET)
-    old_cfg = replace(new_cfg, **EARLIER)
-    x_new, y_new = synthesize(teacher, 10, new_cfg, "cpu")
-    x_old, _ = synthesize(teacher, 10, old_cfg, "cpu")
+    x_new, y_new = synthesize(teacher, 10, SynthesisConfig(**BUDGET), "cpu")
     assert x_new.shape == (256, 3, 32, 32) and x_new.dtype == np.uint8
     assert np.bincount(y_new, minlength=10).min() >= 25  # balanced labels
     new = distilled_accuracy(teacher, x_new, test, CHECK, "cpu")
-    old = distilled_accuracy(teacher, x_old, test, CHECK, "cpu")
-    # measured at this budget (small_cnn): 26.1 % vs 9.9 % on real MNIST
-    assert new > old + 0.08, (new, old)
+    assert new > 0.18, new  # chance is 10 %; measured 26.1 %
 
 
 def test_fidelity_report_on_real_source_images_is_near_one(teacher_and_test):
