@@ -104,7 +104,7 @@ def test_simulated_attack_term_makes_the_recovered_model_harder_to_fine_tune(mni
     from edgeguard.finetune.unrolled import simulated_attack_loss
     from edgeguard.training import normalize
 
-    base = {**FAST, "iterations": 3, "head_epochs": 1, "recovery_epochs": 2}
+    base = {**FAST, "iterations": 3, "head_epochs": 1, "recovery_epochs": 1}  # sim − plain: 2.26 (2 epochs: 4.21)
     plain, sim = tmp_path / "plain.safetensors", tmp_path / "sim.safetensors"
     protect_ntp(mnist_model, plain, NtpConfig(sparsity=0.8, **base))
     protect_ntp(mnist_model, sim, NtpConfig(sparsity=0.8, experimental=NtpExperimental(sim_weight=1.0, sim_clip=10.0),
