@@ -26,7 +26,7 @@ from .devices import resolve_device
 from .domains import get_domain
 from .domains.classes import align_classes
 from .errors import EdgeguardError
-from .methods.base import Checkpoints, ProtectionData, config_json, get_method
+from .methods.base import Checkpoints, ProtectionData, config_json, get_method, list_methods
 from .strength import direct_use
 from .training import TensorData, evaluate
 
@@ -218,8 +218,6 @@ def split_overrides(methods: list[str], overrides) -> list[list[str]]:
 
 
 def _method_names() -> set[str]:
-    from .methods import list_methods
-
     return {m.name for m in list_methods()}
 
 

@@ -121,13 +121,13 @@ def test_regrowth_attacker_gives_pruned_weights_values(mnist_model):
 
 def test_search_never_reads_the_test_set(mnist_model, tmp_path, monkeypatch):
     """Poisoned test labels change the reported accuracies but not one recipe the search chooses."""
-    import edgeguard.evaluation.runner as runner
+    import edgeguard.evaluation.execute as execute
 
     cfg = dict(target="usps", grid=(0.02, 0.05), seeds=1, max_train=600, max_test=300, device="cpu", attacks=[],
                search_trials=3, suite="search")
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "c1"))
     clean = evaluate_model(mnist_model, EvalConfig(**cfg), tmp_path / "clean")
-    real = runner.get_domain
+    real = execute.get_domain
 
     def poisoned(name, root=None, **kw):  # kw: the model's classes, matched by name
         d = real(name, root, **kw)
@@ -136,7 +136,7 @@ def test_search_never_reads_the_test_set(mnist_model, tmp_path, monkeypatch):
             d = dataclasses.replace(d, test_y=rng.permutation(d.test_y))
         return d
 
-    monkeypatch.setattr(runner, "get_domain", poisoned)
+    monkeypatch.setattr(execute, "get_domain", poisoned)
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "c2"))
     dirty = evaluate_model(mnist_model, EvalConfig(**cfg), tmp_path / "dirty")
     c, d = clean.attacks[-1], dirty.attacks[-1]

@@ -158,20 +158,26 @@ class TaskSpec:
 _CONTEXTS: dict[tuple, _Context] = {}
 
 
+def load_context(spec: TaskSpec, device: str) -> _Context:
+    """The models and the target data an evaluation's runs share, on `device`."""
+    cfg = spec.cfg
+    dev = resolve_device(device)
+    art = load_artifact(spec.model_path, dev)
+    dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes,
+                     class_map=cfg.class_map).subset(cfg.max_train, cfg.max_test)
+    return _Context(art, load_artifact(spec.unprotected, dev) if spec.unprotected else None,
+                    TensorData.from_numpy(dom.train_x, dom.train_y, dev),
+                    TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),
+                    cpu_bf16(cfg.precision, dev), data_root=cfg.data_root)
+
+
 def _context(spec: TaskSpec, device: str) -> _Context:
     """The worker's context, loaded once per (model, target, device) and reused by its later stacks."""
     cfg = spec.cfg
     key = (spec.model_path, spec.unprotected, cfg.target, cfg.max_train, cfg.max_test, cfg.data_root, device,
            cfg.precision)
     if key not in _CONTEXTS:
-        dev = resolve_device(device)
-        art = load_artifact(spec.model_path, dev)
-        dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes,
-                         class_map=cfg.class_map).subset(cfg.max_train, cfg.max_test)
-        _CONTEXTS[key] = _Context(art, load_artifact(spec.unprotected, dev) if spec.unprotected else None,
-                                  TensorData.from_numpy(dom.train_x, dom.train_y, dev),
-                                  TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),
-                                  cpu_bf16(cfg.precision, dev), data_root=cfg.data_root)
+        _CONTEXTS[key] = load_context(spec, device)
     return _CONTEXTS[key]
 
 

@@ -15,15 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact import Artifact, load_artifact
-from ..devices import cpu_bf16, resolve_device
-from ..domains import get_domain
+from ..artifact import Artifact
+from ..devices import resolve_device
 from ..errors import EdgeguardError
 from ..paths import report_folder
 from ..progress import progress
-from ..training import TensorData
 from .config import EvalConfig
-from .execute import TaskSpec, _Context, default_max_stack, resolve_executor, run_stacks
+from .execute import TaskSpec, _Context, default_max_stack, load_context, resolve_executor, run_stacks
 from .plan import GridKey, RunJob, grid_jobs, plan_stacks, run_steps, search_finals, search_jobs
 from .result import EvalResult
 from .runs import RunLog, cache_scratch, cached_scratch
@@ -58,25 +56,20 @@ class _Grid:
 
 
 def _load(model_path, cfg: EvalConfig, report_dir: Path, unprotected) -> _Grid:
-    dev = resolve_device(cfg.device)
-    art = load_artifact(model_path, dev)
-    ref = load_artifact(unprotected, dev) if unprotected else None
-    dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes, class_map=cfg.class_map)
+    spec = TaskSpec(str(model_path), str(unprotected) if unprotected else None, cfg)
+    ctx = load_context(spec, str(resolve_device(cfg.device)))
+    art, ref = ctx.art, ctx.ref
     if ref is not None and (ref.card.arch != art.card.arch):
         raise EdgeguardError("--unprotected must be the same architecture as the protected model")
     if ref is not None and ref.card.classes != art.card.classes:
         raise EdgeguardError(f"--unprotected {unprotected} has the classes {', '.join(ref.card.classes[:8])}…, the "
                              f"protected model {', '.join(art.card.classes[:8])}…; give the source model it was made from")
-    dom = dom.subset(cfg.max_train, cfg.max_test)
-    ctx = _Context(art, ref, TensorData.from_numpy(dom.train_x, dom.train_y, dev),
-                   TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),
-                   cpu_bf16(cfg.precision, dev), data_root=cfg.data_root)
     key = GridKey(cfg.target, cfg.max_train, cfg.max_test, cfg.class_map,
                   hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
                   hashlib.sha256(Path(unprotected).read_bytes()).hexdigest() if unprotected else None,
                   art.card.arch, art.card.arch_args)
-    return _Grid(art, ref, ctx, TaskSpec(str(model_path), str(unprotected) if unprotected else None, cfg), key,
-                 RunLog(report_dir / "runs.jsonl"), cfg.max_stack or default_max_stack(dev), {"stacks": 0, "runs": 0})
+    return _Grid(art, ref, ctx, spec, key, RunLog(report_dir / "runs.jsonl"),
+                 cfg.max_stack or default_max_stack(ctx.device), {"stacks": 0, "runs": 0})
 
 
 def _execute(g: _Grid, batch: list[RunJob], desc: str) -> None:

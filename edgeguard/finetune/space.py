@@ -27,7 +27,7 @@ class AttackSpace:
 
     @property
     def optimizers(self) -> tuple[str, ...]:
-        return ("sgd", "adam", "adamw")
+        return tuple(self.lr)
 
     def lr_span(self) -> tuple[float, float]:
         """The lowest and highest learning rate of any optimizer."""
@@ -64,12 +64,6 @@ class AttackSpace:
         bn = "reestimate" if rng.random() < p_bn_reestimate else "kept"
         return AttackRecipe(train="all", head="reinit" if reinit else "kept", pruned=pruned, optimizer=opt, lr=lr,
                             weight_decay=self.weight_decay[opt], batch_size=batch, bn=bn)
-
-    def contains(self, r: AttackRecipe) -> bool:
-        """Whether a recipe's optimizer settings lie inside the space (the suites' recipes must)."""
-        lo, hi = self.lr[r.optimizer]
-        return (lo <= r.lr <= hi and r.weight_decay == self.weight_decay[r.optimizer] and r.head in self.heads
-                and r.pruned in self.pruned and r.bn in self.bn)
 
 
 def _picker(rng: np.random.Generator):

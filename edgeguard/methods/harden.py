@@ -144,7 +144,7 @@ def _draws(d: TensorData, size: int, steps: int, gen: torch.Generator):
     images every step)."""
     def batches(epoch: int, _epoch_gen: torch.Generator):
         for _ in range(steps):
-            yield _batch(d, min(size, len(d)), gen)
+            yield _batch(d, size, gen)
 
     return batches
 
