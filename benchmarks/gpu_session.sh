@@ -3,7 +3,7 @@
 #
 #   EDGEGUARD_DATA_ROOT=<data> OUT=<folder> bash benchmarks/gpu_session.sh [--dry-run] [STEP ...]
 #
-# STEPs (default: all, in this order): env throughput train grid suite ntp map harden eval. Variables above the functions
+# STEPs (default: all, in this order): env throughput train grid suite ntp map harden eval camera. Variables above the functions
 # choose the pair (SRC, TGT), the NTP configs, the MAP settings and the seeds.
 # Each step has its own time limit and a failure does not stop the others; the script skips a step that
 # would run past DEADLINE seconds (default 570) and exits 1 when a step failed. Rows go to benchmarks/RESULTS.md
@@ -31,6 +31,7 @@ FIRST_SEED=${FIRST_SEED:-0}
 DEV=cuda ARCH=resnet18 TRAIN_EPOCHS="" STEPS_SCALE=1 GRID_ARGS="" EPOCHS_GRID=30 SUITE=standard SUITE_SEEDS=3
 EXECUTOR=processes
 HARDEN_TINY="" LIMIT_SCALE=1
+CAMERA_ARGS="--archs resnet18 --sizes 224 --epochs 30" CAMERA_MAP="--arch resnet18 --size 224 --epochs 30"
 if (( DRY )); then
     DEV=cpu ARCH=small_cnn SRC=mnist_sample TGT=usps_sample TRAIN_EPOCHS="--epochs 1" STEPS_SCALE=0 EPOCHS_GRID=1
     GRID_ARGS="--grid 0.05,0.2" SUITE=paper SUITE_SEEDS=1 WORKERS=1 EXECUTOR=local DEADLINE=${DRY_DEADLINE:-1800}
@@ -39,6 +40,8 @@ if (( DRY )); then
     MAP_CONFIG='{"epochs":1,"repair_epochs":1}'
     HARDEN_TINY="--suite paper --csv $OUT/harden_frontier.csv --set outer_steps=2 --set eval_every=1 --set attacks=1
         --set inner_steps=2 --set suppress_every=1 --set proxy_steps=2"
+    CAMERA_ARGS="--archs small_cnn --sizes 64 --epochs 1" CAMERA_MAP="--arch small_cnn --size 64 --epochs 1 --seeds 0
+        --targets pacs_art --set epochs=1 repair_epochs=0"
     export EDGEGUARD_RESULTS=$OUT/RESULTS.dry-run.md
 fi
 mkdir -p "$OUT" "$R"
@@ -107,8 +110,14 @@ run_eval() {  # #4's "done when": a readable report of the unprotected resnet18 
     step 120 $EG evaluate "$R/r18_$SRC.safetensors" --target "$TGT" --attack direct-all/masked --attack direct-all/free \
         --report "$R/r18_${SRC}_${TGT}_report" --workers "$WORKERS" --device $DEV $GRID_ARGS $( (( DRY )) && echo --epochs 1)
 }
+run_camera() {  # #29's 224-px rows: the source model and MAP on PACS (needs pacs/ in the data root: photo + art
+    # are 61 MB, so carry them alone, e.g. EDGEGUARD_DATA_ROOT=gpu_data with gpu_data/pacs/{photo,art_painting})
+    if [[ ! -d ${EDGEGUARD_DATA_ROOT:-/nonexistent}/pacs/photo ]]; then echo "=== SKIP camera: no pacs/ in the data root"; return; fi
+    step 240 python3 benchmarks/bench_camera.py ref $CAMERA_ARGS
+    step 300 python3 benchmarks/bench_camera.py map $CAMERA_MAP
+}
 steps=("$@")
-(( ${#steps[@]} )) || steps=(env throughput train grid suite ntp map harden eval)
+(( ${#steps[@]} )) || steps=(env throughput train grid suite ntp map harden eval camera)
 for s in "${steps[@]}"; do "run_$s"; done 2>&1 | tee "$OUT/gpu_session.log"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 (cd "$R" && find . -path ./cache -prune -o -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.jsonl' \) \

@@ -58,6 +58,8 @@ class ModelDescription:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     scale: float = 1 / 255.0
     input_shape: tuple[int, int, int] = (3, 32, 32)
+    resize: str = "plain"  # how a frame reaches input_shape (runtime.imagefile)
+    crop: float = 1.0
     slc_auc: dict | None = None
     strength: str = ""  # edgeguard.strength level: none | weak | untested | direct-use | resists-fine-tuning
     strength_reason: str = ""
@@ -249,9 +251,10 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
         schema_version=SCHEMA_VERSION,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         producer="edgeguard converters 0.1.0", method=desc.method, classes=list(desc.classes),
-        input=InputSpec(shape=list(desc.input_shape), mean=list(desc.mean), std=list(desc.std), scale=desc.scale),
+        input=InputSpec(shape=list(desc.input_shape), mean=list(desc.mean), std=list(desc.std), scale=desc.scale,
+                        resize=desc.resize, crop=desc.crop),
         measured_input=InputSpec(shape=list(desc.authorised.x.shape[1:]), mean=list(desc.mean), std=list(desc.std),
-                                 scale=desc.scale),
+                                 scale=desc.scale, resize=desc.resize, crop=desc.crop),
         model=FileEntry("model.onnx", sha256_file(model_path), model_path.stat().st_size),
         mask=MaskSpec(file="mask.bits", sha256=mask_sha, layout=[[n, list(s)] for n, s in layout],
                       initializers=mapping, sparsity=_sparsity(masks)),
@@ -369,6 +372,15 @@ TRITON_MODEL = "edgeguard_classifier"
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
 
 
+def _crop_note(desc: ModelDescription) -> list[str]:
+    if desc.resize != "center-crop":
+        return []
+    c, h, w = desc.input_shape
+    return [f"# NOTE: the host centre-crops each frame to aspect {w}:{h} ({desc.crop:g} of the shorter side) before "
+            "scaling; nvinfer scales the whole frame.", "# Crop upstream (nvvideoconvert src-crop) to keep the "
+            "host's measured accuracy."]
+
+
 def write_pipeline_configs(tmp: Path, desc: ModelDescription, precision: str, onnx_path: Path) -> list[str]:
     """The files camera pipelines load, so nobody rewrites the preprocessing by hand: labels.txt, a DeepStream
     nvinfer config (y = net-scale-factor · (x − offsets) is exactly (x·scale − mean)/std when std is the same
@@ -376,7 +388,7 @@ def write_pipeline_configs(tmp: Path, desc: ModelDescription, precision: str, on
     c, h, w = desc.input_shape
     out = ["labels.txt"]
     (tmp / "labels.txt").write_text("\n".join(desc.classes) + "\n")
-    if len(set(desc.std)) == 1:  # nvinfer has one scale factor for all channels
+    if len(set(desc.std)) == 1:  # nvinfer has one scale factor for all channels (README.txt says why not)
         ds = tmp / "deepstream"
         ds.mkdir()
         (ds / "labels.txt").write_text(";".join(desc.classes) + "\n")  # a classifier's labels: one line, ';'
@@ -391,7 +403,7 @@ def write_pipeline_configs(tmp: Path, desc: ModelDescription, precision: str, on
             f"infer-dims={c};{h};{w}", "batch-size=1", f"network-mode={NETWORK_MODE[precision]}",
             "network-type=1", "process-mode=1", f"num-detected-classes={len(desc.classes)}",
             "classifier-threshold=0.0", "output-blob-names=logits", "maintain-aspect-ratio=0", "gie-unique-id=1",
-            ""]))
+            *_crop_note(desc), ""]))
         out += ["deepstream/config_infer.txt", "deepstream/labels.txt"]
     tr = tmp / "triton" / TRITON_MODEL
     (tr / "1").mkdir(parents=True)

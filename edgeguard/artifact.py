@@ -142,7 +142,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
             raise CheckFailed(f"{path}: the packed mask's sha256 does not match the metadata; the file was modified")
         mask.verify(state, where=str(path))
     try:
-        model = create_model(card.arch, card.num_classes, **card.arch_args)
+        model = create_model(card.arch, card.num_classes, input_spec=card.input, **card.arch_args)
     except EdgeguardError as e:
         raise EdgeguardError(f"{path}: {e}") from None
     except Exception as e:  # arch_args the architecture does not take, or values it cannot use

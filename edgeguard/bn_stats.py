@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models.registry import input_of
 from .training import TensorData, normalize
 
 
@@ -64,6 +65,7 @@ def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128, max
     if not bns or len(data) == 0:
         return
     device = next(model.parameters()).device
+    spec = input_of(model)
     was = model.training
     saved = [bn.momentum for bn in bns]
     for bn in bns:
@@ -79,7 +81,7 @@ def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128, max
         xb = data.x[start : start + batch_size] if order is None else data.x[order[start : start + batch_size]
                                                                                 .to(data.x.device)]
         if len(xb) > 1:
-            model(normalize(xb.to(device)))
+            model(normalize(xb.to(device), spec))
     for bn, mom in zip(bns, saved):
         bn.momentum = mom
     model.train(was)

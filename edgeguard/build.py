@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import load_artifact
-from .card import HOST_INPUT
 from .domains import get_domain
 from .errors import CheckFailed, EdgeguardError
 from .strength import card_strength, with_fine_tuning
 
 
-def _samples(name: str, n: int, data_root: str | None, classes, role: str, class_map=None, seed: int = 0):
+def _samples(name: str, n: int, data_root: str | None, card, role: str, class_map=None, seed: int = 0):
+    """n test images of `name`, decoded at the model's input (the validation set the device checks)."""
     from converters.bundle import DomainSamples
 
-    d = get_domain(name, data_root, classes=classes, class_map=class_map, role=role)
+    d = get_domain(name, data_root, classes=card.classes, class_map=class_map, role=role, input=card.input)
     idx = np.sort(np.random.default_rng(seed).permutation(len(d.test_y))[:n])
     return DomainSamples(name, d.test_x[idx], d.test_y[idx])
 
@@ -46,7 +46,6 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
         _check_oms_key(oms_key)
     art = load_artifact(model_file)
     card = art.card
-    _check_input_spec(card, model_file)
     masks = art.mask.numpy() if art.mask is not None else {}
     unauth = unauthorised if unauthorised is not None else list(card.target_domains)
     slc = _read_report(report) if report else None
@@ -56,10 +55,10 @@ def build(model_file: str | os.PathLike, out: str | os.PathLike, target: str = "
                           "again with other settings, or pass --allow-weak to ship it marked weak")
     desc = ModelDescription(
         classes=card.classes, masks=masks, method=card.method,
-        authorised=_samples(card.source_domain, samples, data_root, card.classes, "source"),
-        unauthorised=[_samples(u, samples, data_root, card.classes, "unauthorised", class_map) for u in unauth],
+        authorised=_samples(card.source_domain, samples, data_root, card, "source"),
+        unauthorised=[_samples(u, samples, data_root, card, "unauthorised", class_map) for u in unauth],
         mean=tuple(card.input.mean), std=tuple(card.input.std), scale=card.input.scale,
-        input_shape=tuple(card.input.shape), slc_auc=slc, strength=strength.level, strength_reason=strength.reason)
+        input_shape=tuple(card.input.shape), resize=card.input.resize, crop=card.input.crop, slc_auc=slc, strength=strength.level, strength_reason=strength.reason)
     try:
         summary = build_bundle(art.model, desc, out, target=target, sign_key=sign_key, precision=precision,
                                oms_key=oms_key)
@@ -123,16 +122,6 @@ def _check_oms_key(key) -> None:
         load_ota_key(key)
     except ValueError as e:
         raise EdgeguardError(str(e)) from None
-
-
-def _check_input_spec(card, model_file) -> None:
-    """The bundle's accuracies are measured the way this edgeguard feeds every model (HOST_INPUT); a card that
-    says otherwise would ship bounds measured at an input the device will not use."""
-    if card.input != HOST_INPUT:
-        c = card.input
-        raise CheckFailed(f"{model_file}: the card's input ({'×'.join(map(str, c.shape))}, mean {list(c.mean)}, std "
-                          f"{list(c.std)}) is not the one edgeguard measured it with ({'×'.join(map(str, HOST_INPUT.shape))}"
-                          f", mean {list(HOST_INPUT.mean)}, std {list(HOST_INPUT.std)}); no bundle written")
 
 
 def _read_report(report) -> dict:

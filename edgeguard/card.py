@@ -11,25 +11,13 @@ from dataclasses import asdict, dataclass, field
 
 from runtime.manifest import is_finite_number, is_text
 
-from .domains.base import MEAN, STD
 from .errors import EdgeguardError
+from .inputspec import RESIZE_POLICIES, InputSpec
 
 ROLES = ("source", "target")
 MAX_NAME = 256
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """Input the model expects: uint8 CHW images, normalised as (x·scale − mean)/std per channel."""
-
-    shape: tuple[int, int, int] = (3, 32, 32)
-    dtype: str = "uint8"
-    mean: tuple[float, float, float] = tuple(MEAN)
-    std: tuple[float, float, float] = tuple(STD)
-    scale: float = 1 / 255.0
-
-
-HOST_INPUT = InputSpec()  # what every loader, the training loop and the measurements here feed a model
 
 
 @dataclass(frozen=True)
@@ -151,9 +139,13 @@ def _parse_input(d, where: str) -> InputSpec:
     if len(mean) != shape_t[0] or len(std) != shape_t[0]:
         raise _fail(where, "input.mean/std", f"{shape_t[0]} values (one per channel)", [mean, std])
     std_t = tuple(_number(s, where, "input.std", 1e-12, 1e12) for s in std)
+    resize = d.get("resize", "plain")  # files written before the input belonged to the model: plain
+    if resize not in RESIZE_POLICIES:
+        raise _fail(where, "input.resize", " or ".join(RESIZE_POLICIES), resize)
     return InputSpec(shape=shape_t, dtype=_name(d.get("dtype"), where, "input.dtype"),
                      mean=tuple(_number(m, where, "input.mean", -1e12, 1e12) for m in mean), std=std_t,
-                     scale=_number(d.get("scale"), where, "input.scale", 1e-12, 1e12))
+                     scale=_number(d.get("scale"), where, "input.scale", 1e-12, 1e12), resize=resize,
+                     crop=_number(d.get("crop", 1.0), where, "input.crop", 0.1, 1.0))
 
 
 def _parse_mask(d, where: str) -> MaskInfo | None:

@@ -95,6 +95,42 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected numbers, one per channel, e.g. '0.485 0.456 0.406', got {value!r}") from None
+
+
+def input_options(fn):
+    """The model's input (`edgeguard.inputspec`): size, normalisation, resize policy."""
+    for opt in reversed([
+        click.option("--input-size", type=click.IntRange(16, 1024), default=None,
+                     help="Input H = W in pixels (default: the architecture's; 32 for the digits models)."),
+        click.option("--mean", callback=_floats, default=None, help="Per-channel mean after scaling to 0..1, e.g. "
+                     "'0.485 0.456 0.406' (default: ImageNet's at ≥ 64 px, else 0.5)."),
+        click.option("--std", callback=_floats, default=None, help="Per-channel std (same defaults as --mean)."),
+        click.option("--resize", type=click.Choice(["plain", "center-crop"]), default=None,
+                     help="Frames of another size: stretch (plain) or shorter side then centre crop "
+                          "(default: center-crop at ≥ 64 px, else plain)."),
+        click.option("--crop", type=click.FloatRange(0.1, 1.0), default=None,
+                     help="center-crop: kept share of the shorter side (0.875 = resize 256, crop 224)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _input_spec(base, input_size, mean, std, resize, crop):
+    """The InputSpec from --input-size/--mean/--std/--resize/--crop over `base` (camera defaults at ≥ 64 px)."""
+    from .inputspec import make_input, natural_input
+
+    if input_size is not None and input_size >= 64 and input_size != base.shape[1]:
+        base = natural_input(input_size)
+    return make_input(input_size, mean, std, resize, crop, base=base)
+
+
 @main.command()
 @click.option("--arch", default="small_cnn", show_default=True, help="Architecture (see `edgeguard models`).")
 @click.option("--domain", required=True, help="Authorised (source) domain, e.g. mnist (see `edgeguard domains`).")
@@ -105,18 +141,54 @@ def main(verbose: bool) -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt, written after each epoch.")
+@input_options
 @data_root_option
 @device_option
-def train(arch, domain, epochs, out, batch_size, lr, seed, resume, data_root, device) -> None:
-    """Train a source model from random init on an authorised domain."""
+def train(arch, domain, epochs, out, batch_size, lr, seed, resume, input_size, mean, std, resize, crop, data_root,
+          device) -> None:
+    """Train a source model from random init on an authorised domain, at the model's input size."""
+    from .models.registry import default_input
     from .paths import ensure_writable
     from .source import train_source
 
     ensure_writable(out, "--out")
+    spec = _input_spec(default_input(arch), input_size, mean, std, resize, crop)
     r = train_source(arch, domain, out, epochs=epochs, data_root=data_root, device=device,
-                     batch_size=batch_size, lr=lr, seed=seed, resume=resume)
+                     batch_size=batch_size, lr=lr, seed=seed, resume=resume, input_spec=spec)
     click.echo(f"{arch} on {domain}: test accuracy {r['test_accuracy'] * 100:.2f}% after {r['epochs']} epochs "
                f"({r['seconds']:.0f} s, {r['images_per_second']:.0f} images/s) → {out}")
+
+
+@main.command("import")
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--arch", required=True, help="How to rebuild it: torchvision:NAME, timm:NAME or package.module:function.")
+@click.option("--classes", "classes_file", required=True, type=click.Path(dir_okay=False),
+              help="Class names in the model's output order, one per line.")
+@click.option("--source", required=True, help="Its authorised domain: imagefolder:PATH or a registered name.")
+@click.option("--head", default=None, help="The final classifier layer (default: the last nn.Linear).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.safetensors).")
+@input_options
+@json_option
+@data_root_option
+@device_option
+def import_(weights, arch, classes_file, source, head, out, input_size, mean, std, resize, crop, as_json, data_root,
+            device) -> None:
+    """Bring a model you trained yourself (safetensors or a torch state dict; nothing is unpickled)."""
+    from .devices import resolve_device
+    from .importer import import_weights
+    from .inputspec import DIGITS_INPUT
+    from .paths import ensure_writable
+
+    ensure_writable(out, "--out")
+    if input_size is None:
+        raise EdgeguardError("--input-size is required: the H = W the model was trained at (e.g. 224)")
+    spec = _input_spec(DIGITS_INPUT, input_size, mean, std, resize, crop)
+    r = import_weights(weights, arch, classes_file, spec, source, out, head=head, data_root=data_root,
+                       device=str(resolve_device(device)))
+    _say(as_json, f"{arch}: head {r['head']}, encoder {', '.join(r['encoder'])}; input {'×'.join(map(str, r['input']))}"
+                  f"; {r['source']} test accuracy {r['source_accuracy'] * 100:.2f}% → {out}")
+    if as_json:
+        _emit_json(r)
 
 
 @main.command()
@@ -136,6 +208,9 @@ def info(file, as_json, layers) -> None:
     setting = card.method_config.get("setting")
     click.echo(f"method        {card.method}" + (f" ({setting})" if isinstance(setting, str) else ""))
     click.echo(f"source        {card.source_domain}")
+    i = card.input
+    crop = f" {i.crop:g}" if i.resize == "center-crop" else ""
+    click.echo(f"input         {'×'.join(map(str, i.shape))}, mean {list(i.mean)}, std {list(i.std)}, {i.resize}{crop}")
     if card.target_domains:
         click.echo(f"targets       {', '.join(card.target_domains)}")
     for a in card.accuracies:
@@ -435,7 +510,8 @@ def synthesize(file, out, report_dir, n, overrides, fidelity_steps, neighbours, 
         from .evaluation.fidelity import FidelityConfig, fidelity_report, write_synthesis_report
         from .training import TensorData
 
-        dom = get_domain(art.card.source_domain, data_root)
+        dom = get_domain(art.card.source_domain, data_root, classes=art.card.classes, role="source",
+                         input=art.card.input)
         test = TensorData.from_numpy(dom.test_x, dom.test_y)
         fcfg = FidelityConfig() if fidelity_steps is None else FidelityConfig(steps=fidelity_steps)
         rep = fidelity_report(art.model, x, test, fcfg, device=device)

@@ -137,9 +137,10 @@ def protect(method: str, source_model: str | os.PathLike, out: str | os.PathLike
     if target and target == card.source_domain:
         raise EdgeguardError(f"--target {target} is the model's authorised (source) domain; give the domain to "
                              "protect against")
-    tgt_dom = get_domain(target, data_root, classes=card.classes, class_map=class_map) if target else None
+    tgt_dom = get_domain(target, data_root, classes=card.classes, class_map=class_map,
+                         input=card.input) if target else None
     try:
-        src_dom = get_domain(card.source_domain, data_root)
+        src_dom = get_domain(card.source_domain, data_root, input=card.input)
     except EdgeguardError:
         if needs.source_images:
             raise

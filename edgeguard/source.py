@@ -15,7 +15,9 @@ from .card import DomainAccuracy, ModelCard
 from .devices import resolve_device
 from .domains import get_domain
 from .errors import EdgeguardError
+from .inputspec import InputSpec
 from .models import create_model
+from .models.registry import default_input
 from .training import TensorData, TrainConfig, evaluate, seed_everything, train_classifier
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,17 @@ log = logging.getLogger(__name__)
 def default_epochs(n_train: int) -> int:
     """About 300k images seen: 5 epochs of MNIST, 30 of the 7k-image sets (USPS, MNIST-M)."""
     return int(min(30, max(5, round(300_000 / max(n_train, 1)))))
+
+
+NATURAL_MIN_SIZE = 64  # at and above this input size a source model is trained as a camera model
+
+
+def augmentation(spec: InputSpec) -> dict:
+    """Train-time augmentation at the input's resolution: a random resized crop and flips for camera-size
+    (natural) images, the 2-pixel shift the 32-px digits were always trained with."""
+    if min(spec.size) >= NATURAL_MIN_SIZE:
+        return {"augment_shift": 0, "augment_flip": True, "augment_crop": 0.35}
+    return {"augment_shift": 2, "augment_flip": False, "augment_crop": 0.0}
 
 
 def train_source(
@@ -39,19 +52,22 @@ def train_source(
     seed: int = 0,
     resume: bool = False,
     max_train: int | None = None,
+    input_spec: InputSpec | None = None,
 ) -> dict:
-    """Train `arch` on `domain` from random init; write the artifact and return its summary."""
+    """Train `arch` on `domain` from random init at `input_spec` (default: the architecture's own input);
+    write the artifact and return its summary."""
     if epochs is not None and epochs < 1:
         raise EdgeguardError(f"--epochs must be at least 1 (0 would write an untrained model), got {epochs}")
-    dom = get_domain(domain, data_root)
+    spec = input_spec or default_input(arch)
+    dom = get_domain(domain, data_root, input=spec)
     if max_train:
         dom = dom.subset(n_train=max_train)
     cfg = TrainConfig(epochs=epochs if epochs is not None else default_epochs(len(dom.train_y)),
-                      batch_size=batch_size, lr=lr, seed=seed, device=device)
+                      batch_size=batch_size, lr=lr, seed=seed, device=device, **augmentation(spec))
     cfg.validate()
     dev = resolve_device(device)
     seed_everything(seed)
-    model = create_model(arch, dom.num_classes).to(dev)
+    model = create_model(arch, dom.num_classes, input_spec=spec).to(dev)
     train = TensorData.from_numpy(dom.train_x, dom.train_y, dev)
     test = TensorData.from_numpy(dom.test_x, dom.test_y, dev)
     out = Path(out)
@@ -64,7 +80,7 @@ def train_source(
     acc = evaluate(model, test)
     training = {**asdict(cfg), "device": str(dev), "seconds": round(seconds, 2), "history": state.history,
                 "n_train": len(train)}
-    card = ModelCard(arch=arch, classes=list(dom.classes), source_domain=domain,
+    card = ModelCard(arch=arch, classes=list(dom.classes), source_domain=domain, input=spec,
                      accuracies=[DomainAccuracy(domain, "source", acc)], training=training)
     save_artifact(out, model.cpu(), card)
     atomic_write_text(out.with_name(out.name + ".config.json"), json.dumps(training, indent=2))

@@ -22,8 +22,9 @@ from torch import nn
 from runtime.fileio import atomic_path
 
 from .devices import autocast, resolve_device
-from .domains.base import MEAN, STD
 from .errors import EdgeguardError
+from .inputspec import InputSpec
+from .models.registry import input_of
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,20 @@ class TensorData:
         return TensorData(self.x[idx], self.y[idx])
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images → float in the one normalisation every model here uses ((x/255 - 0.5)/0.5)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+def normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 images → float as the model's input says: (x·scale − mean)/std per channel."""
+    c = x.shape[1]
+    mean = torch.tensor(spec.mean, device=x.device).view(1, c, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, c, 1, 1)
+    return (x.float() * spec.scale - mean) / std if spec.scale != 1 / 255.0 else (x.float() / 255.0 - mean) / std
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: bool = False) -> torch.Tensor:
-    """Batched random translation by up to `shift` pixels (zero padding), optional horizontal flip."""
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: bool = False,
+            crop: float = 0.0) -> torch.Tensor:
+    """Batched random translation by up to `shift` pixels (zero padding), optional horizontal flip, and with
+    `crop` > 0 a random resized crop (area share in [crop, 1], aspect 3/4..4/3, bilinear) for natural images."""
     n, _, h, w = x.shape
-    if shift <= 0 and not flip:
+    if shift <= 0 and not flip and crop <= 0:
         return x
     gen_dev = generator.device
     theta = torch.zeros(n, 2, 3, device=gen_dev)
@@ -70,12 +74,21 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: b
     theta[:, 1, 1] = 1.0
     if flip:
         theta[:, 0, 0] = torch.where(torch.rand(n, generator=generator, device=gen_dev) < 0.5, -1.0, 1.0)
+    if crop > 0:
+        area = crop + (1 - crop) * torch.rand(n, generator=generator, device=gen_dev)
+        ratio = torch.exp((torch.rand(n, generator=generator, device=gen_dev) * 2 - 1) * math.log(4 / 3))
+        fw, fh = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+        centre = (torch.rand(n, 2, generator=generator, device=gen_dev) * 2 - 1) * torch.stack([1 - fw, 1 - fh], 1)
+        theta[:, 0, 0] *= fw
+        theta[:, 1, 1] = fh
+        theta[:, 0, 2], theta[:, 1, 2] = centre[:, 0], centre[:, 1]
     if shift > 0:
         d = torch.randint(-shift, shift + 1, (n, 2), generator=generator, device=gen_dev).float()
-        theta[:, 0, 2] = d[:, 0] * 2.0 / w
-        theta[:, 1, 2] = d[:, 1] * 2.0 / h
+        theta[:, 0, 2] += d[:, 0] * 2.0 / w
+        theta[:, 1, 2] += d[:, 1] * 2.0 / h
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear" if crop > 0 else "nearest", padding_mode="zeros",
+                         align_corners=False)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -110,6 +123,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | warmup-cosine | none
     augment_shift: int = 2
     augment_flip: bool = False
+    augment_crop: float = 0.0  # > 0: random resized crop with this minimum area share (natural images)
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
@@ -340,13 +354,14 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
                    device: torch.device | None = None) -> torch.Tensor:
     """Logits (float32, on x's device) in eval mode, batched."""
     device = device or x.device
+    spec = input_of(model)
     was_training = model.training
     model.eval()
     outs = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(device)
         with autocast(device):
-            outs.append(model(normalize(xb)).float().to(x.device))
+            outs.append(model(normalize(xb, spec)).float().to(x.device))
     model.train(was_training)
     if not outs:
         return torch.zeros(0, 1)
@@ -362,21 +377,22 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024) -> floa
     return float((logits.argmax(1) == data.y.to(logits.device)).float().mean())
 
 
-def recipe_input(x: torch.Tensor, gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
-    """A uint8 batch as the recipe trains on it: normalised, then augmented from the epoch's generator (the one
-    definition the loop and the stacked engine share, so both draw the same augmentation)."""
-    x = normalize(x)
-    if cfg.augment_shift or cfg.augment_flip:
-        x = augment(x, gen, cfg.augment_shift, cfg.augment_flip)
+def recipe_input(x: torch.Tensor, gen: torch.Generator, cfg: TrainConfig, spec: InputSpec) -> torch.Tensor:
+    """A uint8 batch as the recipe trains on it: normalised for the model's input, then augmented from the
+    epoch's generator (the one definition every loop shares, so all draw the same augmentation)."""
+    x = normalize(x, spec)
+    if cfg.augment_shift or cfg.augment_flip or cfg.augment_crop:
+        x = augment(x, gen, cfg.augment_shift, cfg.augment_flip, cfg.augment_crop)
     return x
 
 
 def classification_step(model: nn.Module, cfg: TrainConfig) -> StepFn:
     """Cross-entropy on (batch, generator) items; the generator drives the batch's augmentation."""
+    spec = input_of(model)
 
     def step(item: tuple[TensorData, torch.Generator]):
         batch, gen = item
-        x = recipe_input(batch.x, gen, cfg)
+        x = recipe_input(batch.x, gen, cfg, spec)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)

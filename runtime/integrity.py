@@ -75,7 +75,7 @@ def check_input_spec(manifest: Manifest, model_path: Path) -> Check:
     (manifest.measured_input) and the shape the ONNX graph takes; otherwise every bound is meaningless."""
     spec, measured = manifest.input, manifest.measured_input
     if measured is not None:
-        for name in ("shape", "mean", "std", "scale", "normalisation"):
+        for name in ("shape", "mean", "std", "scale", "normalisation", "resize", "crop"):
             if getattr(spec, name) != getattr(measured, name):
                 raise IntegrityError(f"input: the device feeds {name} {getattr(spec, name)} but the host measured "
                                      f"the accuracies at {getattr(measured, name)}; rebuild the bundle")

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .imagefile import RESIZE_POLICIES
+
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 2 added `protection`, typed `engine` and `slc_auc`
 MAX_MANIFEST_BYTES = 4 << 20
@@ -57,6 +59,8 @@ class InputSpec:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     normalisation: str = "manifest"  # manifest: the runtime normalises; graph: the model does
+    resize: str = "plain"  # how a frame of another size reaches H×W (runtime.imagefile): plain | center-crop
+    crop: float = 1.0  # center-crop: the kept share of the shorter side
     input_name: str = "input"
     output_name: str = "logits"
 
@@ -284,6 +288,9 @@ def _semantics(m: Manifest) -> None:
     for name, allowed in (("dtype", ("float32",)), ("layout", ("NCHW",)), ("normalisation", ("manifest", "graph"))):
         if getattr(spec, name) not in allowed:
             raise BundleError(f"manifest field input.{name}: expected one of {', '.join(allowed)}")
+    if spec.resize not in RESIZE_POLICIES or not 0.1 <= spec.crop <= 1.0:
+        raise BundleError(f"manifest field input.resize/crop: expected one of {', '.join(RESIZE_POLICIES)} and a "
+                          "crop in [0.1, 1]")
     if not spec.input_name or not spec.output_name:
         raise BundleError("manifest field input.input_name/output_name: must not be empty")
     if not m.classes or not all(m.classes):

@@ -59,20 +59,16 @@ def latency(backend, spec: InputSpec, batch: int, iterations: int = 100, warmup:
 
 
 def load_images(paths: list[str], spec: InputSpec) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """Image files as the host fed the model: the one decoder (`runtime.imagefile`) with the manifest's resize
+    policy, so a camera JPEG reaches the model exactly as in the host's measurements."""
+    from .imagefile import ImageFileError, decode_image
 
-    c, h, w = spec.shape
     out = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
-                a = np.asarray(im, np.uint8)
-        except FileNotFoundError:
-            raise BundleError(f"{p}: image not found") from None
-        except (OSError, UnidentifiedImageError) as e:
-            raise BundleError(f"{p}: not a readable image ({e})") from None
-        out.append(a.transpose(2, 0, 1) if a.ndim == 3 else a[None])
+            out.append(decode_image(p, spec.shape, spec.resize, spec.crop))
+        except ImageFileError as e:
+            raise BundleError(str(e)) from None
     return np.stack(out)
 
 

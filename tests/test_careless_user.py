@@ -145,19 +145,27 @@ def test_validate_fails_when_the_input_differs_from_the_measured_one(tmp_path, s
     assert r.returncode == 1 and "input" in r.stderr and "measured" in r.stderr, r.stdout + r.stderr
 
 
-def test_build_refuses_a_card_whose_input_is_not_the_measured_one(tmp_path, sample_model):
+def test_build_follows_the_cards_input(tmp_path, sample_model):
+    """The input belongs to the model: a card that says 64×64 ships a 64-px graph, 64-px validation sets and a
+    manifest whose measured input is the one the device feeds."""
     import dataclasses
+
+    import numpy as np
 
     from edgeguard.artifact import load_artifact, save_artifact
     from edgeguard.build import build
     from edgeguard.card import InputSpec
+    from runtime.manifest import read_manifest
 
     art = load_artifact(sample_model)
-    card = dataclasses.replace(art.card, input=InputSpec(shape=(3, 64, 64)))
+    card = dataclasses.replace(art.card, input=InputSpec(shape=(3, 64, 64), resize="center-crop"))
     odd = tmp_path / "odd.safetensors"
     save_artifact(odd, art.model, card, art.mask)
-    with pytest.raises(CheckFailed, match="3×64×64"):
-        build(odd, tmp_path / "b", samples=20)
+    build(odd, tmp_path / "b", samples=20, allow_weak=True)
+    m, _ = read_manifest(tmp_path / "b", require_signature=False)
+    assert m.input.shape == [3, 64, 64] and m.measured_input == m.input and m.input.resize == "center-crop"
+    with np.load(tmp_path / "b" / m.authorised.file) as z:
+        assert z["x"].shape[1:] == (3, 64, 64)
 
 
 def test_readme_lists_exactly_the_files_the_bundle_holds(tmp_path, sample_model):

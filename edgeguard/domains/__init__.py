@@ -1,7 +1,6 @@
-"""Named image domains, all brought to uint8 (N, 3, 32, 32) with int64 labels and fixed splits."""
+"""Named image domains, decoded at a model's input (uint8 N×C×H×W) with int64 labels and fixed splits."""
 from . import embedded as _embedded  # noqa: F401  (registers the embedded samples)
-from .base import IMAGE_SIZE, MEAN, STD, Domain
+from .base import Domain
 from .registry import get_domain, list_domains, register_domain, resolve_data_root
 
-__all__ = ["Domain", "IMAGE_SIZE", "MEAN", "STD", "get_domain", "list_domains", "register_domain",
-           "resolve_data_root"]
+__all__ = ["Domain", "get_domain", "list_domains", "register_domain", "resolve_data_root"]

@@ -1,20 +1,19 @@
-"""The Domain record and the shape every loader brings its images to: uint8 (N, 3, 32, 32)."""
+"""The Domain record and how a loader brings decoded arrays to a model's input (uint8 N×C×H×W)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-IMAGE_SIZE = 32
-# One fixed normalisation for every domain: x = (pixel / 255 - 0.5) / 0.5. Stored in artifacts and manifests.
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
+from ..inputspec import DIGITS_INPUT, InputSpec
+
 DIGITS = tuple(str(i) for i in range(10))
 
 
 @dataclass
 class Domain:
-    """A named image domain: uint8 images (N, 3, 32, 32), int64 labels, class names, fixed train/test split."""
+    """A named image domain at one model input: uint8 images (N, C, H, W), int64 labels, class names, a fixed
+    train/test split. Large folders hold memory-mapped arrays (`registry`), read a batch at a time."""
 
     name: str
     train_x: np.ndarray
@@ -42,28 +41,35 @@ class Domain:
         )
 
 
-def to_rgb32(images: np.ndarray) -> np.ndarray:
-    """Bring uint8 images (N, H, W) or (N, C, H, W) with C in {1, 3} to (N, 3, 32, 32) uint8 (bilinear)."""
+def to_input(images: np.ndarray, spec: InputSpec = DIGITS_INPUT) -> np.ndarray:
+    """Bring uint8 arrays (N, H, W) or (N, C, H, W) with C in {1, 3} to `spec`'s (N, C, H, W): bilinear (antialiased
+    when shrinking), grey replicated to RGB; a centre-crop policy crops before resizing, as the file decoder does."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images (N,H,W) or (N,1|3,H,W), got shape {x.shape}")
-    if x.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE) and len(x):
+    c, h, w = spec.shape
+    if spec.resize == "center-crop" and x.shape[2:] != (h, w) and len(x):
+        from runtime.imagefile import crop_box
+
+        left, top, right, bottom = crop_box(x.shape[3], x.shape[2], h, w, spec.crop)
+        x = x[:, :, top:bottom, left:right]
+    if x.shape[2:] != (h, w) and len(x):
         import torch
         import torch.nn.functional as F
 
         out = []
         for start in range(0, len(x), 4096):
             t = torch.from_numpy(np.array(x[start : start + 4096])).float()
-            t = F.interpolate(t, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False,
-                              antialias=t.shape[-1] > IMAGE_SIZE)
+            t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False,
+                              antialias=t.shape[-1] > w)
             out.append(t.round().clamp(0, 255).to(torch.uint8).numpy())
         x = np.concatenate(out)
     elif len(x) == 0:
-        x = np.zeros((0, x.shape[1], IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)
+        x = np.zeros((0, x.shape[1], h, w), np.uint8)
+    if x.shape[1] != c:
+        x = np.repeat(x, 3, axis=1) if c == 3 else np.round(x.mean(1, keepdims=True)).astype(np.uint8)
     return np.ascontiguousarray(x, dtype=np.uint8)
 
 

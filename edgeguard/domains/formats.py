@@ -94,14 +94,13 @@ def read_usps(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """An MNIST-M PNG (32×32 RGB), HWC."""
+    from runtime.imagefile import ImageFileError, decode_image
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR)
-                              if im.size != (32, 32) else im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise EdgeguardError(f"{path}: not a readable image ({e})") from None
+        return decode_image(path, (3, 32, 32)).transpose(1, 2, 0)
+    except ImageFileError as e:
+        raise EdgeguardError(str(e)) from None
 
 
 def read_mnist_m(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -120,26 +119,6 @@ def read_mnist_m(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     x = np.stack([_load_image(images_dir / n).transpose(2, 0, 1) for n in names]) if names else \
         np.zeros((0, 3, 32, 32), np.uint8)
     return x, np.asarray(labels, dtype=np.int64)
-
-
-def read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """The ImageFolder layout: one sub-folder per class (sorted names), images inside."""
-    _need(folder, "a folder with one sub-folder of images per class")
-    classes = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    if not classes:
-        raise EdgeguardError(f"{folder}: no class sub-folders; expected FOLDER/CLASS_NAME/IMAGE files")
-    xs, ys = [], []
-    for ci, c in enumerate(classes):
-        files = sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise EdgeguardError(f"{folder / c}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                                 "add its images or remove the folder (a model would silently lose the class)")
-        for p in files:
-            xs.append(_load_image(p).transpose(2, 0, 1))
-            ys.append(ci)
-    if not xs:
-        raise EdgeguardError(f"{folder}: class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
 
 
 def read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:

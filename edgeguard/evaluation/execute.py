@@ -74,7 +74,8 @@ class _Context:
         if self.source_train is None:
             name = self.art.card.source_domain
             try:
-                dom = get_domain(name, self.data_root, classes=self.art.card.classes, role="source")
+                dom = get_domain(name, self.data_root, classes=self.art.card.classes, role="source",
+                                 input=self.art.card.input)
             except EdgeguardError as e:
                 raise EdgeguardError(f"a source-aided attack needs the model's source domain {name!r}: {e}") from None
             self.source_train = TensorData.from_numpy(dom.train_x, dom.train_y, self.device)
@@ -164,7 +165,7 @@ def load_context(spec: TaskSpec, device: str) -> _Context:
     dev = resolve_device(device)
     art = load_artifact(spec.model_path, dev)
     dom = get_domain(cfg.target, cfg.data_root, classes=art.card.classes,
-                     class_map=cfg.class_map).subset(cfg.max_train, cfg.max_test)
+                     class_map=cfg.class_map, input=art.card.input).subset(cfg.max_train, cfg.max_test)
     return _Context(art, load_artifact(spec.unprotected, dev) if spec.unprotected else None,
                     TensorData.from_numpy(dom.train_x, dom.train_y, dev),
                     TensorData.from_numpy(dom.test_x, dom.test_y, dev), dom.num_classes, str(dev),

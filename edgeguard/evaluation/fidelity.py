@@ -25,6 +25,7 @@ from torch import nn
 from ..bn_stats import bn_distance
 from ..errors import EdgeguardError
 from ..models import create_model
+from ..models.registry import input_of
 from ..training import (
     TensorData,
     augment,
@@ -85,13 +86,14 @@ def distilled_accuracy(teacher: nn.Module, images: np.ndarray, source_test: Tens
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     epochs = max(1, round(cfg.steps / steps_per_epoch))
     T = cfg.temperature
+    spec = input_of(teacher)
 
     def batches(epoch: int, gen: torch.Generator):
         return ((b, gen) for b in iterate_batches(data, cfg.batch_size, gen))
 
     def step(item):
         b, gen = item
-        x = augment(normalize(b.x), gen, cfg.augment_shift)
+        x = augment(normalize(b.x, spec), gen, cfg.augment_shift)
         with torch.no_grad():
             t = teacher(x).float()
         s = student(x).float()
@@ -113,7 +115,8 @@ def fidelity_report(teacher: nn.Module, images: np.ndarray, source_test: TensorD
     logits = predict_logits(teacher, x)
     teacher_acc = evaluate(teacher, source_test.to(device))
     student_acc = distilled_accuracy(teacher, images, source_test, cfg, device)
-    sample = normalize(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:512].to(device)])
+    sample = normalize(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:512].to(device)],
+                       input_of(teacher))
     return FidelityReport(
         images=len(images), teacher_source_accuracy=teacher_acc, student_source_accuracy=student_acc,
         fidelity=student_acc / max(teacher_acc, 1e-12), bn_distance=bn_distance(teacher, sample),

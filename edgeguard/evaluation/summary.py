@@ -97,7 +97,8 @@ def direct_use(art: Artifact, ref: Artifact | None, cfg: EvalConfig, test: Tenso
     card = art.card
     source_after = source_before = target_before = None
     try:
-        src_dom = get_domain(card.source_domain, cfg.data_root, classes=card.classes, role="source")
+        src_dom = get_domain(card.source_domain, cfg.data_root, classes=card.classes, role="source",
+                             input=card.input)
         src_test = TensorData.from_numpy(src_dom.test_x, src_dom.test_y, test.x.device)
         source_after = evaluate(art.model, src_test)
         if ref is not None:

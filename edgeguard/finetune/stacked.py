@@ -29,6 +29,8 @@ from torch import nn
 
 from ..devices import autocast, resolve_device
 from ..errors import EdgeguardError
+from ..inputspec import InputSpec
+from ..models.registry import input_of
 from ..training import TrainConfig, epoch_generator, iterate_batches, lr_factor, recipe_input
 from .run import StackRun
 
@@ -278,13 +280,13 @@ class _StackedOptimizer:
                     st["b"].index_copy_(0, dev_sel, b)
 
 
-def _run_batches(run: StackRun, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _run_batches(run: StackRun, device: torch.device, spec: InputSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The run's batches over all its epochs, drawn exactly as `train_classifier` draws them."""
     data = run.data.to(device)
     for epoch in range(run.cfg.epochs):
         gen = epoch_generator(run.cfg.seed, epoch, device)
         for b in iterate_batches(data, run.cfg.batch_size, gen):
-            yield recipe_input(b.x, gen, run.cfg), b.y
+            yield recipe_input(b.x, gen, run.cfg, spec), b.y
 
 
 def _stacked_masks(net: nn.Module, runs: list[StackRun], device: torch.device) -> dict[str, torch.Tensor]:
@@ -417,7 +419,7 @@ def train_stack(runs: list[StackRun], device: str | torch.device = "auto",
     k = len(runs)
     sizes = [r.batch_sizes() for r in runs]
     pos = [0] * k
-    streams = [_run_batches(r, dev) for r in runs]
+    streams = [_run_batches(r, dev, input_of(r.model)) for r in runs]
     totals = [max(1, len(s)) for s in sizes]
     results: list[nn.Module | None] = [None] * k
     pending_done = [i for i in range(k) if not sizes[i]]

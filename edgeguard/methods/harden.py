@@ -42,6 +42,7 @@ from ..devices import autocast, cpu_bf16
 from ..errors import EdgeguardError
 from ..finetune import ATTACK_SPACE, AttackRecipe, StackRun, attack_start, bn_move, train_run
 from ..masks import MaskSet, prunable_names
+from ..models.registry import input_of
 from ..progress import progress
 from ..training import TensorData, TrainConfig, augment, evaluate, normalize
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
@@ -180,7 +181,7 @@ def simulate(model: nn.Module, mask: MaskSet | None, atk: AttackRecipe, images: 
         w = (t + cfg.suppress_every) / (cfg.inner_steps + cfg.suppress_every)  # late steps count more (TAR)
         h = _batch(held, cfg.batch_size, gen)
         with autocast(dev, tc.amp, tc.cpu_bf16):
-            out = m(normalize(h.x).contiguous(memory_format=torch.channels_last))
+            out = m(normalize(h.x, input_of(m)).contiguous(memory_format=torch.channels_last))
         loss = suppression_loss(out)
         for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)):
             if g is not None:
@@ -286,7 +287,7 @@ def _outer_step(model: nn.Module, teacher: nn.Module, mask: MaskSet | None, st: 
     pruned weights stay exactly 0."""
     model.train()
     s = _batch(d.src, cfg.batch_size, gen)
-    xs = augment(normalize(s.x), gen, cfg.augment_shift)
+    xs = augment(normalize(s.x, input_of(model)), gen, cfg.augment_shift)
     out = model(xs).float()
     t = cfg.kd_temperature
     with torch.no_grad():

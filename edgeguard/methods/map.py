@@ -39,6 +39,7 @@ from torch.func import functional_call
 from ..config import param
 from ..errors import EdgeguardError
 from ..masks import MaskSet, apply_n_m, masked_params, prunable_names
+from ..models.registry import input_of
 from ..training import TensorData, augment, inner_recipe, normalize, paired_batches, predict_logits, run_loop
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 from .synthesis import SynthesisConfig, cached_pseudo_source, neighbour_domains
@@ -234,12 +235,13 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
                                    cfg.batch_size):
             yield s, t, gen
 
+    spec = input_of(model)
     protected: dict[str, nn.Module] = {}  # the main phase's masked model, during the repair phase
 
     def step(item):
         s, t, gen = item
-        xs = augment(normalize(s.x), gen, cfg.augment_shift)
-        xt = augment(normalize(t.x), gen, cfg.augment_shift)
+        xs = augment(normalize(s.x, spec), gen, cfg.augment_shift)
+        xt = augment(normalize(t.x, spec), gen, cfg.augment_shift)
         x = torch.cat([xs, xt]).contiguous(memory_format=torch.channels_last)  # BN in eval mode: one pass is exact
         n = len(xs)
         with torch.no_grad():
@@ -252,7 +254,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
 
     def agreement(data: TensorData, reference: torch.Tensor) -> float:
         with torch.no_grad():
-            preds = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512])).argmax(1)
+            preds = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512], spec)).argmax(1)
                                for i in range(0, len(data), 512)])
         return float((preds == reference).float().mean())
 

@@ -48,6 +48,7 @@ from ..config import param
 from ..errors import EdgeguardError
 from ..finetune.unrolled import simulated_attack_loss
 from ..masks import MaskSet, prunable_names
+from ..models.registry import input_of
 from ..progress import progress
 from ..training import (
     TensorData,
@@ -185,7 +186,8 @@ def scheduled_sparsity(cfg: NtpConfig, iteration: int) -> float:
 
 
 def pooled(feature_map: torch.Tensor) -> torch.Tensor:
-    return torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1)
+    """(B, C): a feature map average-pooled, or an imported encoder's feature vector as it is."""
+    return feature_map if feature_map.dim() == 2 else torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1)
 
 
 def ntp_objective(ce_s: torch.Tensor, ce_t: torch.Tensor, f_s: torch.Tensor, f_t: torch.Tensor,
@@ -268,6 +270,7 @@ def run_ntp(model: nn.Module, data: ProtectionData, cfg: NtpConfig, checkpoints:
 
     steps = min(_n_batches(len(src), cfg.batch_size), _n_batches(len(tgt), cfg.batch_size))
     enc_params = list(model.encoder.parameters())
+    spec = input_of(model)
 
     def batches(epoch, gen):
         for s, t in paired_batches(src, tgt, gen, steps, cfg.batch_size, equal_size=True):
@@ -275,7 +278,7 @@ def run_ntp(model: nn.Module, data: ProtectionData, cfg: NtpConfig, checkpoints:
 
     def step(item):
         s, t, gen = item
-        xs, xt = augment(normalize(s.x), gen, cfg.augment_shift), augment(normalize(t.x), gen, cfg.augment_shift)
+        xs, xt = augment(normalize(s.x, spec), gen, cfg.augment_shift), augment(normalize(t.x, spec), gen, cfg.augment_shift)
         fs_map, ft_map = model.encoder(xs), model.encoder(xt)  # separate passes: per-domain BN batch stats
         ce_s = F.cross_entropy(h_s(fs_map).float(), s.y)
         ce_t = F.cross_entropy(h_t(ft_map).float(), t.y)
@@ -325,11 +328,12 @@ def _recover(model: nn.Module, h_t: nn.Module, src: TensorData, tgt: TensorData,
     x = cfg.experimental
     sim_clip = x.sim_clip if x.sim_clip is not None else math.log(num_classes)
     # which simulated attack each recovery step runs: the mask held (masked), pruned weights free, or both
+    spec = input_of(model)
     sim_keeps = itertools.cycle({"masked": [mask.masks], "free": [None], "both": [mask.masks, None]}[x.sim_attack])
 
     def rec_step(item):
         s, t, gen = item
-        xs, xt = augment(normalize(s.x), gen, cfg.augment_shift), augment(normalize(t.x), gen, cfg.augment_shift)
+        xs, xt = augment(normalize(s.x, spec), gen, cfg.augment_shift), augment(normalize(t.x, spec), gen, cfg.augment_shift)
         ce_s = F.cross_entropy(model(xs).float(), s.y)
         ce_t = F.cross_entropy(h_t(model.encoder(xt)).float(), t.y)
         metrics = {"ce_s": float(ce_s.detach()), "ce_t": float(ce_t.detach())}

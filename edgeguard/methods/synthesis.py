@@ -31,8 +31,9 @@ from ..bn_stats import BNStatHook, bn_distance, bn_layers  # noqa: F401  (bn_dis
 from ..cache import cache_dir as cache_root
 from ..config import param
 from ..devices import resolve_device
-from ..domains.base import MEAN, STD
 from ..errors import EdgeguardError
+from ..inputspec import DIGITS_INPUT, InputSpec
+from ..models.registry import input_of
 from ..progress import progress
 from ..training import normalize
 
@@ -80,16 +81,19 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
     return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
 
 
-def _to_uint8(x_norm: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x_norm.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x_norm.device).view(1, 3, 1, 1)
+def _stats(spec: InputSpec, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    c = spec.shape[0]
+    return (torch.tensor(spec.mean, device=dev).view(1, c, 1, 1), torch.tensor(spec.std, device=dev).view(1, c, 1, 1))
+
+
+def _to_uint8(x_norm: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    mean, std = _stats(spec, x_norm.device)
     return ((x_norm * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _pixel_range(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = ((0 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1).to(dev)
-    hi = ((1 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1).to(dev)
-    return lo, hi
+def _pixel_range(dev: torch.device, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = _stats(spec, dev)
+    return (0 - mean) / std, (1 - mean) / std
 
 
 def _perturb(x: torch.Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> torch.Tensor:
@@ -137,7 +141,9 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     xs, ys = [], []
     hook = BNStatHook(layers, cfg.first_bn_weight)
-    lo, hi = _pixel_range(dev)
+    spec = input_of(model)
+    c, full_h, full_w = spec.shape
+    lo, hi = _pixel_range(dev, spec)
     low_iters = int(round(cfg.lowres * cfg.iterations))
     try:
         n_batches = -(-count // cfg.batch_size)
@@ -147,28 +153,29 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
             size = min(cfg.batch_size, count - b * cfg.batch_size)
             if init_images is not None:
                 chunk = torch.from_numpy(init_images[b * cfg.batch_size : b * cfg.batch_size + size]).to(dev)
-                x0 = normalize(chunk)
+                x0 = normalize(chunk, spec)
                 with torch.no_grad():
                     y = model(x0).argmax(1)
-                res = 32
+                res = full_w
             else:
                 y = _balanced_labels(size, b * cfg.batch_size, num_classes, gen).to(dev)
-                res = 16 if low_iters else 32
-                x0 = (torch.randn(size, 3, res, res, generator=gen) * 0.5).to(dev)
+                res = full_w // 2 if low_iters else full_w
+                x0 = (torch.randn(size, c, full_h * res // full_w, res, generator=gen) * 0.5).to(dev)
             x = x0.clone().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
             for i in range(cfg.iterations):
                 next(it, None)
-                if res == 16 and i == low_iters:  # multi-resolution: continue at full resolution
+                if res != full_w and i == low_iters:  # multi-resolution: continue at full resolution
                     with torch.no_grad():
-                        x = F.interpolate(x.detach(), size=32, mode="bilinear", align_corners=False)
+                        x = F.interpolate(x.detach(), size=(full_h, full_w), mode="bilinear", align_corners=False)
                     x.requires_grad_(True)
                     state = opt.state_dict()["param_groups"][0]
                     opt = torch.optim.Adam([x], lr=state["lr"], betas=(0.5, 0.9))
                     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - i)
-                    res = 32
-                full = x if res == 32 else F.interpolate(x, size=32, mode="bilinear", align_corners=False)
+                    res = full_w
+                full = x if res == full_w else F.interpolate(x, size=(full_h, full_w), mode="bilinear",
+                                                              align_corners=False)
                 hook.pop()
                 logits = model(_perturb(full, cfg, gen))
                 bn = hook.pop()
@@ -183,7 +190,7 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
                 if history is not None and (i % 20 == 0 or i == cfg.iterations - 1):
                     history.append({"batch": b, "iteration": i, "bn_distance": float(bn.detach()),
                                     "loss": float(loss.detach())})
-            xs.append(_to_uint8(x.detach()).cpu())
+            xs.append(_to_uint8(x.detach(), spec).cpu())
             ys.append(y.cpu())
     finally:
         hook.close()
@@ -210,7 +217,7 @@ def keep_confident(model: nn.Module, x: np.ndarray, y: np.ndarray, n: int, num_c
 def synthesize(model: nn.Module, num_classes: int, cfg: SynthesisConfig = SynthesisConfig(),
                device: str = "auto", history: list | None = None, init_images: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-source images (uint8 N×3×32×32) and the labels they were made for, by `cfg.recipe`."""
+    """Pseudo-source images (uint8 N×C×H×W at the model's input) and the labels they were made for, by `cfg.recipe`."""
     cfg.validate()
     count = int(math.ceil(cfg.n * cfg.oversample)) if init_images is None else cfg.n
     x, y = synthesize_deepinversion(model, num_classes, cfg, device, history, init_images, count)
@@ -232,7 +239,9 @@ def cache_path(model: nn.Module, cfg: SynthesisConfig, init_images: np.ndarray |
     """Where the pseudo-source of (model weights, recipe, init images) is kept."""
     root = Path(cache_dir) if cache_dir else cache_root("synth")
     init_key = hashlib.sha256(init_images.tobytes()).hexdigest()[:20] if init_images is not None else None
-    key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg), "init_images": init_key},
+    spec = input_of(model)
+    extra = {} if spec == DIGITS_INPUT else {"input": asdict(spec)}  # digits keys stay as they were
+    key = hashlib.sha256(json.dumps({"m": model_fingerprint(model), **asdict(cfg), "init_images": init_key, **extra},
                                     sort_keys=True).encode())
     return root / f"{key.hexdigest()[:24]}.npz"
 
@@ -268,9 +277,9 @@ def neighbour_domains(x: np.ndarray, seed: int = 0) -> np.ndarray:
     outs = []
     outs.append(1.0 - t)  # inverted
     perm = torch.from_numpy(np.stack([rng.permutation(3) for _ in range(n)]))
-    outs.append(torch.gather(t, 1, perm[:, :, None, None].expand(-1, -1, 32, 32)))  # channel shuffle
+    outs.append(torch.gather(t, 1, perm[:, :, None, None].expand(-1, -1, *t.shape[2:])))  # channel shuffle
     tint = torch.from_numpy(rng.uniform(0.2, 1.0, (n, 3, 1, 1))).float()
-    bg = F.interpolate(torch.from_numpy(rng.uniform(0, 1, (n, 3, 4, 4))).float(), size=32, mode="bilinear",
+    bg = F.interpolate(torch.from_numpy(rng.uniform(0, 1, (n, 3, 4, 4))).float(), size=t.shape[2:], mode="bilinear",
                        align_corners=False)
     grey = t.mean(1, keepdim=True)
     outs.append((grey * tint + (1 - grey) * bg).clamp(0, 1))  # colour strokes over a smooth photo-like patch

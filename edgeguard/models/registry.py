@@ -11,29 +11,34 @@ import torch
 from torch import nn
 
 from ..errors import EdgeguardError
+from ..inputspec import DIGITS_INPUT, InputSpec
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_INPUTS: dict[str, InputSpec] = {}
 
 
 class Classifier(nn.Module):
     """encoder (image → feature map) → head (pooling + classifier), addressed by name by NTP and the attacks."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, arch: str, num_classes: int):
+    def __init__(self, encoder: nn.Module, head: nn.Module, arch: str, num_classes: int,
+                 input_spec: InputSpec = DIGITS_INPUT):
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.arch = arch
         self.num_classes = num_classes
+        self.input_spec = input_spec  # the input belongs to the model: loaders, loops and export read it here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
 
 
-def register_model(name: str, description: str) -> Callable:
+def register_model(name: str, description: str, input_spec: InputSpec = DIGITS_INPUT) -> Callable:
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _MODELS[name] = fn
         _DESCRIPTIONS[name] = description
+        _INPUTS[name] = input_spec
         return fn
 
     return deco
@@ -43,13 +48,33 @@ def list_models() -> dict[str, str]:
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs) -> Classifier:
-    """Build a registered architecture from random init for 3×32×32 input and `num_classes` outputs."""
+def input_of(model: nn.Module) -> InputSpec:
+    """The input `model` expects (a Classifier carries its card's; anything else is read as a digits model)."""
+    return getattr(model, "input_spec", DIGITS_INPUT)
+
+
+def default_input(name: str) -> InputSpec:
+    """The input a registered architecture is built for when the user names none."""
+    return _INPUTS.get(name, DIGITS_INPUT)
+
+
+def create_model(name: str, num_classes: int = 10, input_spec: InputSpec | None = None, **kwargs) -> Classifier:
+    """Build an architecture from random init for `num_classes` outputs and `input_spec` (default: the
+    architecture's own; every architecture here pools adaptively, so any size ≥ 32 px builds)."""
     if name not in _MODELS:
-        raise EdgeguardError(f"unknown architecture {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
+        from .imported import build_imported, is_import_spec
+
+        if is_import_spec(name):
+            model = build_imported(name, num_classes, **kwargs)
+            model.input_spec = input_spec or DIGITS_INPUT
+            return model
+        raise EdgeguardError(f"unknown architecture {name!r}; choose one of: {', '.join(sorted(_MODELS))} (or import "
+                             "your own with `edgeguard import`)")
     if num_classes < 2:
         raise EdgeguardError(f"num_classes must be at least 2, got {num_classes}")
-    return _MODELS[name](num_classes=num_classes, **kwargs)
+    model = _MODELS[name](num_classes=num_classes, **kwargs)
+    model.input_spec = input_spec or default_input(name)
+    return model
 
 
 def _pool_linear(in_features: int, num_classes: int) -> nn.Sequential:
@@ -75,7 +100,7 @@ def cnn32(num_classes: int = 10) -> Classifier:
     return model
 
 
-@register_model("resnet18", "torchvision ResNet-18 (standard stem) for 32 px; head = avgpool + fc")
+@register_model("resnet18", "torchvision ResNet-18 (standard stem, any size ≥ 32 px); head = avgpool + fc")
 def resnet18(num_classes: int = 10) -> Classifier:
     from torchvision.models import resnet18 as tv_resnet18
 
@@ -84,7 +109,7 @@ def resnet18(num_classes: int = 10) -> Classifier:
     return Classifier(encoder, _pool_linear(512, num_classes), "resnet18", num_classes)
 
 
-@register_model("vgg11", "torchvision VGG-11 with BN; head = avgpool + 512-256-N MLP (NTL-style)")
+@register_model("vgg11", "torchvision VGG-11 with BN (any size ≥ 32 px); head = avgpool + 512-256-N MLP (NTL-style)")
 def vgg11(num_classes: int = 10) -> Classifier:
     from torchvision.models import vgg11_bn
 
@@ -94,7 +119,7 @@ def vgg11(num_classes: int = 10) -> Classifier:
     return Classifier(m.features, head, "vgg11", num_classes)
 
 
-@register_model("mobilenet_v3_small", "torchvision MobileNetV3-Small for 32 px; head = avgpool + classifier")
+@register_model("mobilenet_v3_small", "torchvision MobileNetV3-Small (any size ≥ 32 px); head = avgpool + classifier")
 def mobilenet_v3_small(num_classes: int = 10) -> Classifier:
     from torchvision.models import mobilenet_v3_small as tv_mnv3
 
