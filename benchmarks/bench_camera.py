@@ -203,7 +203,7 @@ def cmd_map(a) -> None:
         for t in a.targets:
             out = d / f"map{seed}{t}.safetensors"
             t0 = time.perf_counter()
-            protect("map", src, out, target=t, overrides=a.set or [], device="auto", seed=seed, allow_weak=True)
+            protect("map", src, out, target=t, overrides=[*(a.set or []), f"seed={seed}"], device="auto")
             card = load_artifact(out).card
             s, g = card.source_accuracy, card.accuracy(t, "target")
             res[t].append(((s.before - s.after) * 100, g.after * 100))

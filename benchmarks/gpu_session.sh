@@ -41,7 +41,7 @@ if (( DRY )); then
     HARDEN_TINY="--suite paper --csv $OUT/harden_frontier.csv --set outer_steps=2 --set eval_every=1 --set attacks=1
         --set inner_steps=2 --set suppress_every=1 --set proxy_steps=2"
     CAMERA_ARGS="--archs small_cnn --sizes 64 --epochs 1" CAMERA_MAP="--arch small_cnn --size 64 --epochs 1 --seeds 0
-        --targets pacs_art --set epochs=1 repair_epochs=0"
+        --targets pacs_art --set epochs=1 repair_epochs=0 max_source=256 max_target=256"
     export EDGEGUARD_RESULTS=$OUT/RESULTS.dry-run.md
 fi
 mkdir -p "$OUT" "$R"

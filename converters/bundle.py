@@ -240,7 +240,7 @@ def _build_into(tmp: Path, model, desc: ModelDescription, prof, precision: str, 
     checks = _validation_sets(tmp, model_path, desc)
     result["accuracy"] = {c.name: c.accuracy for c in checks}
     sparse_24 = _is_24(masks)
-    engine_info = _engine_files(tmp, model_path, prof, precision, sparse_24, build_local_engine)
+    engine_info = _engine_files(tmp, model_path, prof, precision, sparse_24, build_local_engine, desc.input_shape)
     pipeline_files = write_pipeline_configs(tmp, desc, precision, onnx_path=model_path)
     if runtime_wheel:  # the device can install the runtime from the bundle itself, offline
         write_wheel(tmp / "runtime")
@@ -328,13 +328,13 @@ def _validation_sets(tmp: Path, model_path: Path, desc: ModelDescription) -> lis
     return checks
 
 
-def _engine_files(tmp: Path, model_path: Path, prof, precision: str, sparse_24: bool, build_local_engine
-                  ) -> EngineSpec | None:
+def _engine_files(tmp: Path, model_path: Path, prof, precision: str, sparse_24: bool, build_local_engine,
+                  input_shape: tuple[int, int, int]) -> EngineSpec | None:
     """build_engine.sh (the device builds its own engine, cached by runtime.engine_cache) and, where TensorRT
     is here and the target asks for it, the engine itself."""
     strongly = prof.tensorrt_version is not None and tensorrt_build.major_version(prof.tensorrt_version) >= 11
     trtexec_line = tensorrt_build.trtexec_command("model.onnx", "model.engine", precision, sparse_24,
-                                                  prof.workspace_mb or 1024, prof.dla, strongly)
+                                                  prof.workspace_mb or 1024, prof.dla, strongly, input_shape)
     script = ["#!/bin/sh", "# Build the TensorRT engine ON THIS DEVICE (engines are tied to the GPU and the TensorRT",
               "# version). Never add --sparsity=force: it would rewrite the learned mask.",
               "# A device-level cache keyed by (model.onnx sha256, TensorRT version, compute capability, precision)",

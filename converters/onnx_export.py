@@ -57,7 +57,7 @@ def _guard_module(model) -> None:
                               "torch.nn.utils.prune.remove() (or bake the mask) before export")
 
 
-def prunable_call_order(model, names: list[str]) -> list[str]:
+def prunable_call_order(model, names: list[str], input_shape=(3, 32, 32)) -> list[str]:
     """The mask layers in the order their modules run in forward (to match ONNX nodes when names are lost)."""
     import torch
 
@@ -69,7 +69,7 @@ def prunable_call_order(model, names: list[str]) -> list[str]:
             handles.append(mod.register_forward_hook(lambda m, i, o, k=mname: order.append(mods[k])))
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, 32, 32))
+            model(torch.zeros(1, *input_shape))
     finally:
         for h in handles:
             h.remove()
@@ -80,7 +80,8 @@ def prunable_call_order(model, names: list[str]) -> list[str]:
     return seen
 
 
-def map_mask_to_initializers(onnx_model, model, masks: dict[str, np.ndarray]) -> dict[str, str]:
+def map_mask_to_initializers(onnx_model, model, masks: dict[str, np.ndarray], input_shape=(3, 32, 32)
+                             ) -> dict[str, str]:
     """Mask layer name → ONNX initializer name: by the node's module scope, else by call order and shape."""
     inits = {i.name: tuple(i.dims) for i in onnx_model.graph.initializer}
     weight_nodes = [n for n in onnx_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -96,7 +97,7 @@ def map_mask_to_initializers(onnx_model, model, masks: dict[str, np.ndarray]) ->
             mapping[layer] = hits[0].input[1]
     missing = [k for k in masks if k not in mapping]
     if missing:
-        order = prunable_call_order(model, list(masks))
+        order = prunable_call_order(model, list(masks), input_shape)
         free = [n for n in weight_nodes if n.input[1] not in mapping.values()]
         rest = [k for k in order if k in missing]
         for layer, node in zip(rest, free):
@@ -179,7 +180,7 @@ def export_onnx(model, masks: dict[str, np.ndarray], out_path: Path, input_shape
     for init in onnx_model.graph.initializer:
         if init.name.endswith("_orig") or init.name.endswith("_mask"):
             raise ExportError(f"initializer {init.name!r} would ship the dense weights or the mask")
-    mapping = map_mask_to_initializers(onnx_model, m, masks)
+    mapping = map_mask_to_initializers(onnx_model, m, masks, input_shape)
     check_zero_pattern(onnx_model, masks, mapping)
     onnx_model.doc_string = "edgeguard protected classifier (mask baked in)"
     del onnx_model.metadata_props[:]  # torch.export's own provenance keys: ours below are what a reader needs

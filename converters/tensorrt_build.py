@@ -99,11 +99,11 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", sp
 
 
 def trtexec_command(onnx_name: str, engine_name: str, precision: str, sparse_24: bool, workspace_mb: int,
-                    dla: bool = False, strongly_typed: bool = False) -> str:
+                    dla: bool = False, strongly_typed: bool = False, input_shape=(3, 32, 32)) -> str:
     """The trtexec line for build_engine.sh (run on the device: engines are tied to its GPU and TensorRT)."""
     args = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}",
             f"--memPoolSize=workspace:{workspace_mb}M", "--timingCacheFile=timing.cache",
-            "--minShapes=input:1x3x32x32", "--optShapes=input:32x3x32x32", "--maxShapes=input:256x3x32x32"]
+            *(f"--{k}Shapes=input:{n}x{'x'.join(map(str, input_shape))}" for k, n in (("min", 1), ("opt", 32), ("max", 256)))]
     if strongly_typed:
         args.append("--stronglyTyped")
     elif precision == "fp16":

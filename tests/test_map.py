@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edgeguard.artifact import load_artifact
+from edgeguard.inputspec import DIGITS_INPUT
 from edgeguard.masks import is_n_m
 from edgeguard.methods.map import MapConfig
 from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize
@@ -65,7 +66,7 @@ def test_synthesis_moves_bn_statistics_toward_stored(mnist_model):
     assert x.dtype == np.uint8 and x.shape == (64, 3, 32, 32)
     from edgeguard.training import normalize
 
-    end = bn_distance(model, normalize(torch.from_numpy(x)))
+    end = bn_distance(model, normalize(torch.from_numpy(x), DIGITS_INPUT))
     assert end < 0.5 * start
     assert hist[-1]["bn_distance"] < hist[0]["bn_distance"]
 
@@ -77,12 +78,12 @@ def test_synthesis_from_target_images_keeps_labels_and_moves_statistics(mnist_mo
     model = load_artifact(mnist_model).model.eval()
     usps = get_domain("usps").train_x[:64]
     with torch.no_grad():
-        own = model(normalize(torch.from_numpy(usps))).argmax(1).numpy()
-    start = bn_distance(model, normalize(torch.from_numpy(usps)))
+        own = model(normalize(torch.from_numpy(usps), DIGITS_INPUT)).argmax(1).numpy()
+    start = bn_distance(model, normalize(torch.from_numpy(usps), DIGITS_INPUT))
     x, y = synthesize(model, 10, SynthesisConfig(recipe="deepinversion", n=64, batch_size=64, iterations=60), "cpu",
                                    init_images=usps)
     assert np.array_equal(y, own)  # the frozen model's own answers on the target images
-    assert bn_distance(model, normalize(torch.from_numpy(x))) < 0.7 * start  # restyled towards the source
+    assert bn_distance(model, normalize(torch.from_numpy(x), DIGITS_INPUT)) < 0.7 * start  # restyled towards the source
 
 
 def test_model_without_bn_is_refused(tmp_path):

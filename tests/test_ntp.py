@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from edgeguard.artifact import load_artifact
+from edgeguard.inputspec import DIGITS_INPUT
 from edgeguard.methods.ntp import NtpConfig, NtpExperimental, fisher_ratio, project_topk
 from edgeguard.protect import protect
 
@@ -66,7 +67,7 @@ def test_simulated_attack_learns_respects_the_mask_and_leaves_the_model_alone(mn
 
     model = load_artifact(mnist_model).model.train()
     usps = get_domain("usps", str(data_root))
-    x = normalize(torch.from_numpy(usps.train_x[:64]).float())
+    x = normalize(torch.from_numpy(usps.train_x[:64]).float(), DIGITS_INPUT)
     y = torch.from_numpy(usps.train_y[:64]).long()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_simulated_attack_term_makes_the_recovered_model_harder_to_fine_tune(mni
     protect_ntp(mnist_model, sim, NtpConfig(sparsity=0.8, experimental=NtpExperimental(sim_weight=1.0, sim_clip=10.0),
                                            **base))
     usps = get_domain("usps", str(data_root))
-    x = normalize(torch.from_numpy(usps.test_x[:256]))
+    x = normalize(torch.from_numpy(usps.test_x[:256]), DIGITS_INPUT)
     y = torch.from_numpy(usps.test_y[:256]).long()
     attacked = {}
     for name, path in (("plain", plain), ("sim", sim)):

@@ -49,6 +49,8 @@ def test_tensorrt_settings_by_generation():
     assert "--sparsity=enable" in trtexec_command("m.onnx", "m.engine", "fp16", True, 256)
     assert "force" not in trtexec_command("m.onnx", "m.engine", "fp16", True, 256)
     assert "--stronglyTyped" in trtexec_command("m.onnx", "m.engine", "int8", False, 256, strongly_typed=True)
+    at224 = trtexec_command("m.onnx", "m.engine", "fp16", False, 256, input_shape=(3, 224, 224))
+    assert "--minShapes=input:1x3x224x224" in at224 and "--maxShapes=input:256x3x224x224" in at224  # the card's size
 
 
 def test_tensorrt_build_says_unavailable(tmp_path):

@@ -197,7 +197,7 @@ def _exact_fp32():
 def _check(net: nn.Module, models: list[nn.Module], device: torch.device) -> None:
     """The stack must compute what each run's model computes (eval mode: no state changes)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 32, 32, generator=g).to(device)
+    x = torch.randn(2, *input_of(models[0]).shape, generator=g).to(device)
     net.eval()
     with torch.no_grad(), _exact_fp32():
         out = _stacked_forward(net, x.unsqueeze(0).expand(len(models), *x.shape))
