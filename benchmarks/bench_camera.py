@@ -194,7 +194,8 @@ def cmd_map(a) -> None:
     from edgeguard.artifact import load_artifact
     from edgeguard.protect import protect
 
-    d = Path(tempfile.mkdtemp())
+    d = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
+    d.mkdir(parents=True, exist_ok=True)
     rows = ["| seed | target | source before → after (drop) | target before → after | wall |", "|---|---|---|---|---|"]
     res: dict[str, list] = {t: [] for t in a.targets}
     for seed in a.seeds:
@@ -214,7 +215,8 @@ def cmd_map(a) -> None:
         drops, tg = [x[0] for x in v], [x[1] for x in v]
         rows.append(f"| mean ± std | {t} | drop {statistics.mean(drops):.2f} ± {_sd(drops):.2f} | "
                     f"{statistics.mean(tg):.2f} ± {_sd(tg):.2f} % | |")
-    shutil.rmtree(d)
+    if not a.keep:
+        shutil.rmtree(d)
     record(f"Camera resolution: MAP source-available on PACS ({a.arch} {a.size} px) (issue 29)", rows)
 
 
@@ -244,6 +246,7 @@ def main() -> None:
     m.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     m.add_argument("--targets", nargs="+", default=["pacs_art", "pacs_cartoon"])
     m.add_argument("--set", nargs="*", default=None)
+    m.add_argument("--keep", default=None, help="keep the source and MAP models in this folder")
     a = p.parse_args()
     {"ref": cmd_ref, "folder": cmd_folder, "roundtrip": cmd_roundtrip, "parity": cmd_parity, "map": cmd_map}[a.cmd](a)
 

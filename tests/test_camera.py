@@ -180,3 +180,15 @@ def test_a_64px_model_through_train_protect_build_validate_predict(tmp_path, dat
     spec = art.card.input
     x = torch.from_numpy(np.stack([decode_image(f, spec.shape, spec.resize, spec.crop) for f in jpgs]))
     assert predict_logits(art.model, x).argmax(1).tolist() == device  # host and device agree on camera files
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "vgg11"])
+def test_architectures_build_at_camera_sizes_and_carry_their_input(arch):
+    from edgeguard.models import create_model
+    from edgeguard.models.registry import input_of
+
+    spec = natural_input(96)
+    model = create_model(arch, 7, input_spec=spec).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, *spec.shape)).shape == (2, 7)
+    assert input_of(model) == spec

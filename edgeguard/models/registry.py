@@ -129,3 +129,20 @@ def mobilenet_v3_small(num_classes: int = 10) -> Classifier:
             bn.momentum = 0.1
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *m.classifier)
     return Classifier(m.features, head, "mobilenet_v3_small", num_classes)
+
+
+def _natural_ref_input() -> InputSpec:
+    from ..inputspec import natural_input
+
+    return natural_input(NATURAL_REF_SIZE)
+
+
+NATURAL_REF_SIZE = 112
+
+
+@register_model("natural_ref", f"mobilenet_v3_small at {NATURAL_REF_SIZE} px, ImageNet statistics, centre crop: the CPU "
+                "reference model of the natural-image (PACS) rows", input_spec=_natural_ref_input())
+def natural_ref(num_classes: int = 7) -> Classifier:
+    model = mobilenet_v3_small(num_classes)
+    model.arch = "natural_ref"
+    return model
