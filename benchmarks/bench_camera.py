@@ -167,8 +167,9 @@ def cmd_parity(a) -> None:
     for name in a.domains:
         fl = list_image_folder(pacs / PACS_DOMAINS[name])
         test = stratified_split(fl.rel(), fl.labels)
-        files = [f for f, t in zip(fl.files, test) if t][: a.max_files]
-        y = fl.labels[test][: a.max_files]
+        held = [f for f, t in zip(fl.files, test) if t]
+        pick = np.unique(np.linspace(0, len(held) - 1, min(a.max_files, len(held))).round().astype(int))
+        files, y = [held[i] for i in pick], fl.labels[test][pick]  # spread over every class
         x = torch.from_numpy(np.stack([decode_image(f, spec.shape, spec.resize, spec.crop) for f in files]))
         host = predict_logits(art.model, x).argmax(1).numpy()
         rep = d / f"{name}.json"
