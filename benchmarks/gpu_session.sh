@@ -40,7 +40,7 @@ if (( DRY )); then
     MAP_CONFIG='{"epochs":1,"repair_epochs":1}'
     HARDEN_TINY="--suite paper --csv $OUT/harden_frontier.csv --set outer_steps=2 --set eval_every=1 --set attacks=1
         --set inner_steps=2 --set suppress_every=1 --set proxy_steps=2"
-    CAMERA_ARGS="--archs small_cnn --sizes 64 --epochs 1" CAMERA_MAP="--arch small_cnn --size 64 --epochs 1 --seeds 0
+    CAMERA_ARGS="" CAMERA_MAP="--arch small_cnn --size 64 --epochs 1 --seeds 0
         --targets pacs_art --set epochs=1 repair_epochs=0 max_source=256 max_target=256"
     export EDGEGUARD_RESULTS=$OUT/RESULTS.dry-run.md
 fi
@@ -113,7 +113,7 @@ run_eval() {  # #4's "done when": a readable report of the unprotected resnet18 
 run_camera() {  # #29's 224-px rows: the source model and MAP on PACS (needs pacs/ in the data root: photo + art
     # are 61 MB, so carry them alone, e.g. EDGEGUARD_DATA_ROOT=gpu_data with gpu_data/pacs/{photo,art_painting})
     if [[ ! -d ${EDGEGUARD_DATA_ROOT:-/nonexistent}/pacs/photo ]]; then echo "=== SKIP camera: no pacs/ in the data root"; return; fi
-    step 240 python3 benchmarks/bench_camera.py ref $CAMERA_ARGS
+    [[ -n $CAMERA_ARGS ]] && step 240 python3 benchmarks/bench_camera.py ref $CAMERA_ARGS  # the dry run: map trains one
     step 300 python3 benchmarks/bench_camera.py map $CAMERA_MAP
 }
 steps=("$@")

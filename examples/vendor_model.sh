@@ -7,7 +7,7 @@ SIZE=${SIZE:-96}
 EPOCHS=${EPOCHS:-10}
 OUT=${OUT:-vendor_run}
 MAP_SET=${MAP_SET:-}          # e.g. "--set epochs=1 --set repair_epochs=0" for a smoke run
-EVAL_SET=${EVAL_SET:-}        # e.g. "--epochs 1"
+EVAL_ARGS=${EVAL_ARGS:---suite paper}  # smoke run: "--attack direct-all/masked --epochs 1 --max-train 300"
 mkdir -p "$OUT"
 python - "$OUT" "$SIZE" "$EPOCHS" <<'PY'
 import sys, torch
@@ -29,7 +29,7 @@ PY
 edgeguard import "$OUT/vendor_resnet18.pt" --arch torchvision:resnet18 --classes "$OUT/classes.txt" \
     --input-size "$SIZE" --source pacs_photo --out "$OUT/source.safetensors"
 edgeguard protect --method map --source-model "$OUT/source.safetensors" --target pacs_art --out "$OUT/map.safetensors" --allow-weak $MAP_SET
-edgeguard evaluate "$OUT/map.safetensors" --target pacs_art --suite paper --grid 0.01,0.1,1.0 --report "$OUT/report" $EVAL_SET
+edgeguard evaluate "$OUT/map.safetensors" --target pacs_art $EVAL_ARGS --grid 0.01,0.1,1.0 --report "$OUT/report"
 edgeguard keygen --out "$OUT/vendor"
 edgeguard build "$OUT/map.safetensors" --target jetson-orin --out "$OUT/bundle" --sign-key "$OUT/vendor.key" --allow-weak
 edgeguard-runtime validate "$OUT/bundle" --public-key "$OUT/vendor.pub"

@@ -192,3 +192,26 @@ def test_architectures_build_at_camera_sizes_and_carry_their_input(arch):
     with torch.no_grad():
         assert model(torch.zeros(2, *spec.shape)).shape == (2, 7)
     assert input_of(model) == spec
+
+
+def test_imported_timm_model_from_safetensors_keeps_its_outputs(tmp_path, data_root):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from edgeguard.artifact import load_artifact
+    from edgeguard.training import normalize
+
+    torch.manual_seed(0)
+    vendor = timm.create_model("resnet10t", pretrained=False, num_classes=3).eval()
+    save_file({k: v.contiguous() for k, v in vendor.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "classes.txt").write_text("dog\nguitar\nhouse\n")
+    folder = _small_folder(tmp_path / "src", _pacs(data_root), "photo", 3)
+    r = CliRunner().invoke(main, ["import", str(tmp_path / "w.safetensors"), "--arch", "timm:resnet10t", "--classes",
+                                  str(tmp_path / "classes.txt"), "--source", f"imagefolder:{folder}",
+                                  "--input-size", "64", "--out", str(tmp_path / "m.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    art = load_artifact(tmp_path / "m.safetensors")
+    assert art.model.head_name == "fc" and art.card.arch == "timm:resnet10t"
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(art.model.eval()(normalize(x, art.card.input)), vendor(normalize(x, art.card.input)))
