@@ -684,7 +684,10 @@ def attacks_cmd(suite, as_json) -> None:
             for r in s.recipes:
                 click.echo(f"  {r.name:<16} {r.base_name:<18} {r.optimizer} lr={r.lr:g} wd={r.weight_decay:g} "
                            f"{r.epochs} ep bs={r.batch_size} schedule={r.schedule} bn={r.bn}"
-                           + (f" source={r.source_fraction:g}" if r.source_fraction else ""))
+                           + (f" source={r.source_fraction:g}" if r.source_fraction else "")
+                           + (f" reinit={r.reinit:g}" if r.reinit else "")
+                           + (f" shrink={r.shrink:g} perturb={r.perturb:g}" if r.shrink != 1 or r.perturb else "")
+                           + (f" pre={r.pre}" if r.pre != "none" else ""))
 
 
 @main.command()

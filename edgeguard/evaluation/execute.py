@@ -7,14 +7,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..artifact import Artifact, load_artifact
 from ..devices import cpu_bf16, resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
-from ..finetune import StackRun, attack_start, bn_move, scratch_model, scratch_recipe, train_run
+from ..finetune import StackRun, attack_run, scratch_model, scratch_recipe, train_run
+from ..finetune.adapter import unwrap
 from ..finetune.stacked import train_stack
 from ..masks import MaskSet
 from ..training import TensorData, evaluate
@@ -69,6 +70,7 @@ class _Context:
     cpu_bf16: bool = False
     source_train: TensorData | None = None  # loaded when a recipe is source-aided
     data_root: str | None = None
+    phases: dict = field(default_factory=dict)  # pre phases (distil, shot) per (model, seed), reused across ratios
 
     def source(self) -> TensorData:
         if self.source_train is None:
@@ -83,30 +85,28 @@ class _Context:
 
 
 def _prepare(ctx: _Context, job: RunJob) -> StackRun:
-    """The job's start model, subset, recipe and mask, exactly as a run on its own would use them. A
-    source-aided recipe's source phase and the BN attacker's re-estimation happen here, before the stack."""
+    """The job's start model, subset, recipe and mask, exactly as a run on its own would use them. Pre phases
+    (on the target's training images, never its test set), the source phase and the BN move happen here. A
+    full re-initialisation is the scratch start itself: the same run, by construction (plan.py shares its key)."""
     import torch
 
     idx, _ = split_indices(ctx.train.y.cpu().numpy(), job, ctx.num_classes)
     data = ctx.train.take(idx)
-    dev = torch.device(ctx.device)
-    if job.kind == "scratch":
+    recipe = job.recipe
+    if job.kind == "scratch" or recipe.reinit >= 1:
         card = ctx.art.card
-        recipe = scratch_recipe(job.recipe)
-        model = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args).to(dev)
-        mask = None
-    else:
-        src = ctx.art if job.kind == "protected" else ctx.ref
-        recipe = job.recipe
-        model, mask = attack_start(src.model, src.mask, recipe, job.seed, dev)
-    cfg = recipe.train_config(job.seed, ctx.device, ctx.cpu_bf16)
-    head_only = recipe.train == "head"
+        recipe = scratch_recipe(recipe)
+        model = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args).to(torch.device(ctx.device))
+        return StackRun(model, data, recipe.train_config(job.seed, ctx.device, ctx.cpu_bf16))
+    src = ctx.art if job.kind == "protected" else ctx.ref
+    source = None
     if recipe.source_fraction > 0:
         src_data = ctx.source()
-        sidx = stratified_subset(src_data.y.cpu().numpy(), recipe.source_fraction, job.seed, ctx.num_classes)
-        model = train_run(StackRun(model, src_data.take(sidx), cfg, mask, head_only), "attack source phase")
-    bn_move(model, recipe, data)
-    return StackRun(model, data, cfg, mask, head_only=head_only)
+        source = src_data.take(stratified_subset(src_data.y.cpu().numpy(), recipe.source_fraction, job.seed,
+                                                 ctx.num_classes))
+    unlabelled = TensorData(ctx.train.x, torch.zeros_like(ctx.train.y))  # the labels are not the attacker's
+    return attack_run(src.model, src.mask, recipe, job.seed, data, ctx.device, unlabelled=unlabelled,
+                      source=source, cpu_bf16=ctx.cpu_bf16, cache=ctx.phases)
 
 
 def _row(ctx: _Context, job: RunJob, run: StackRun, tuned, seconds: float, stack: int) -> dict:
@@ -122,7 +122,7 @@ def _row(ctx: _Context, job: RunJob, run: StackRun, tuned, seconds: float, stack
         point["split"] = "trial"
     src = ctx.art if job.kind == "protected" else ctx.ref if job.kind == "unprotected" else None
     if src is not None and src.mask is not None:
-        bad = MaskSet(src.mask.masks).violations(dict(tuned.named_parameters()))
+        bad = MaskSet(src.mask.masks).violations(dict(unwrap(tuned).named_parameters()))
         point["regrown_weights"] = int(sum(max(v, 0) for v in bad.values()))
     return {"key": job.key, "kind": job.kind, "attack": job.recipe.name if job.kind != "scratch" else "scratch",
             "recipe": job.recipe.key(), **point, "seconds": round(seconds, 3), "stack": stack}

@@ -27,8 +27,9 @@ class RunJob:
     split: str = "full"  # full: train on the ratio's subset, score on the test set; trial: a search trial
 
     @property
-    def trains_head_only(self) -> bool:
-        return self.kind != "scratch" and self.recipe.train == "head"
+    def trains(self) -> str:
+        """What the run trains (`all`, `head` or `input`): runs of one stack train the same."""
+        return "all" if self.kind == "scratch" or self.recipe.reinit >= 1 else self.recipe.train
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ def recipe_for_scratch(r: AttackRecipe) -> dict:
 
 
 def job_key(kind: str, recipe: AttackRecipe, seed: int, ratio: float, g: GridKey, split: str = "full") -> str:
+    """The run's name. A full re-initialisation starts from the scratch model whatever the file, so its run is
+    the scratch run of the same recipe (one key, trained once): an attacker can always start over."""
+    if recipe.reinit >= 1:
+        kind = "scratch"
     data_key = {"domain": g.target, "max_train": g.max_train, "max_test": g.max_test}
     if g.class_map:  # other labels, other runs
         data_key["class_map"] = g.class_map
@@ -153,10 +158,10 @@ def run_steps(job: RunJob, labels, num_classes: int) -> int:
 
 
 def plan_stacks(todo: list[RunJob], steps: dict[str, int], max_stack: int) -> list[list[RunJob]]:
-    """Pack runs into stacks of at most `max_stack`: runs that can share one (one optimizer family, all or
-    head-only training) grouped, longest first, so runs of equal step count end up side by side."""
+    """Pack runs into stacks of at most `max_stack`: runs that can share one (one optimizer family, the same
+    part trained) grouped, longest first, so runs of equal step count end up side by side."""
     groups: dict[tuple, list[RunJob]] = {}
     for j in sorted(todo, key=lambda j: (-steps[j.key], j.kind, j.seed)):
-        groups.setdefault((j.recipe.optimizer, j.trains_head_only), []).append(j)
+        groups.setdefault((j.recipe.optimizer, j.trains), []).append(j)
     stacks = [g[i : i + max_stack] for g in groups.values() for i in range(0, len(g), max_stack)]
     return sorted(stacks, key=lambda s: -max(steps[j.key] for j in s))

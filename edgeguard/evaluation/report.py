@@ -116,6 +116,7 @@ def write_report(results: EvalResult, out_dir: Path) -> None:
     if r.source_accuracy is not None:
         lines.append(f"- source accuracy: {r.source_accuracy * 100:.2f} %")
     lines += _direct_lines(r.direct)
+    lines += _under_attack_lines(r.direct_under_attack)
     if r.suite:
         plot_suite(r, title, out_dir / "suite.png")
         lines += _suite_lines(r)
@@ -146,6 +147,24 @@ def _direct_lines(d: dict | None) -> list[str]:
             "ΔT (pt) | ST-D |", "|---|---|---|---|---|---|---|",
             f"| {d['source_before'] * 100:.2f} | {d['source_after'] * 100:.2f} | {d['delta_s']:+.2f} | "
             f"{d['target_before'] * 100:.2f} | {d['target_after'] * 100:.2f} | {d['delta_t']:+.2f} | {std} |"]
+
+
+def _under_attack_lines(u: dict | None) -> list[str]:
+    if not u:
+        return []
+    lines = ["", "## Direct use under input-space attacks", "",
+             "The weights as shipped, an input adapter trained on the attacker's n target images in front of them "
+             "(reprogramming; restyled from a few source images first where the recipe says so): target accuracy "
+             "(%) against plain direct use.", "",
+             "| model | attack | plain | " + " | ".join(f"n={n}" for n in u["n"]) + " |",
+             "|---" * (len(u["n"]) + 3) + "|"]
+    for kind in ("protected", "unprotected"):
+        plain = u["plain"].get(kind)
+        for name, curves in u["attacks"].items():
+            if kind in curves and plain is not None:
+                lines.append(f"| {kind} | {name} | {plain * 100:.1f} | "
+                             + " | ".join(f"{v * 100:.1f}" for v in curves[kind]) + " |")
+    return lines
 
 
 def _suite_lines(r: EvalResult) -> list[str]:

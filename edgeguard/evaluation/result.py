@@ -67,6 +67,7 @@ class EvalResult:
     wall_seconds: float = 0.0
     device: str = ""
     engine: dict = field(default_factory=dict)
+    direct_under_attack: dict | None = None  # the input-space attacks' target accuracy at each n (mean of seeds)
 
     def slc_aucs(self) -> dict[str, float]:
         """Each recipe's mean SLC-AUC, and the suite's robust one as `robust-envelope`."""

@@ -74,8 +74,8 @@ def _load(model_path, cfg: EvalConfig, report_dir: Path, unprotected) -> _Grid:
 
 def _execute(g: _Grid, batch: list[RunJob], desc: str) -> None:
     """Train the jobs of `batch` not yet in runs.jsonl (a cached scratch run is copied in instead)."""
-    todo = []
-    for job in batch:
+    todo: list[RunJob] = []
+    for job in {j.key: j for j in sorted(batch, key=lambda j: j.kind == "scratch")}.values():  # one run per key
         if job.key in g.log.done:
             continue
         row = cached_scratch(job.key) if job.kind == "scratch" else None

@@ -3,12 +3,15 @@
 A suite is a list of `AttackRecipe`s, each one line in a suite file and one name in the report, plus an
 optional random search (`trials`). `paper` keeps the papers' numbers comparable; `standard` adds the pruned-
 weight and head variants; `robust` adds optimizers and schedules the protection never saw, the BN, regrowth
-and source-aided attackers; `search` is a random search over the recipe space, each trial chosen on a
-validation split of the attacker's own subset. A user's suite is a TOML or JSON file:
+and source-aided attackers; `adaptive` adds re-initialisation (full and partial), shrink-and-perturb,
+distil-then-fine-tune, SHOT adaptation and the input-space attacks (reprogramming, restyling); `search` is
+a random search over the recipe space, each trial chosen on a validation split of the attacker's own subset. A user's suite is a TOML or JSON file:
 
     [[recipe]]                       # or {"recipes": [{...}, ...]} in JSON
-    attack = "direct-all/free"       # direct-all | direct-head | initfc-all | initfc-head, then /masked|free|regrow
-    optimizer = "sgd"                # any AttackRecipe field: lr, weight_decay, epochs, batch_size, schedule, bn, …
+    attack = "direct-all/free"       # direct-all | direct-head | initfc-all | initfc-head | reprogram,
+                                     # then /masked|free|regrow
+    optimizer = "sgd"                # any AttackRecipe field: lr, weight_decay, epochs, batch_size, schedule, bn,
+                                     # reinit, shrink, perturb, pre, …
     lr = 0.01
     name = "sgd-0.01"                # optional: the name in the report
 """
@@ -66,13 +69,26 @@ _ROBUST = _STANDARD + (
     _r("direct-all/regrow", "regrow", lr=1e-3, **_WC),
     _r("direct-all/free", "source-aided", lr=1e-3, source_fraction=0.01, **_WC),
 )
+_ADAPTIVE = _ROBUST + (
+    _r("direct-all/free", "reinit-full", lr=1e-3, reinit=1.0, **_WC),
+    _r("direct-all/free", "reinit-top-half", lr=1e-3, reinit=0.5, **_WC),
+    _r("direct-all/free", "reinit-top-quarter", lr=1e-3, reinit=0.25, **_WC),
+    _r("direct-all/free", "shrink-perturb", lr=1e-3, shrink=0.4, perturb=0.1, **_WC),
+    _r("direct-all/free", "distil", lr=1e-3, pre="distil", **_WC),
+    _r("direct-all/free", "shot", lr=1e-3, pre="shot", **_WC),
+    _r("reprogram", "reprogram", lr=5e-2),
+    _r("reprogram", "restyle", lr=5e-2, pre="restyle", source_fraction=0.01),
+)
 
 SUITES = {s.name: s for s in (
     Suite("paper", "NTP's recipe (Adam 1e-4, 30 epochs, pruned weights held at 0): the papers' numbers", _PAPER),
     Suite("standard", "paper + pruned weights free, a re-initialised head, head-only fine-tuning", _STANDARD),
     Suite("robust", "standard + SGD/Adam/AdamW with warm-up + cosine at several lr, 60-epoch runs, and the BN, "
                     "regrowth and source-aided attackers", _ROBUST),
-    Suite("search", "random search over optimizer, lr, epochs, batch, schedule, head and BN reset; each trial "
+    Suite("adaptive", "robust + the adaptive attacker: full and partial re-initialisation, shrink-and-perturb, "
+                      "distil-then-fine-tune, SHOT adaptation, input reprogramming and restyling", _ADAPTIVE),
+    Suite("search", "random search over optimizer, lr, epochs, batch, schedule, head, BN reset, partial "
+                    "re-initialisation, shrink-and-perturb and pre phases; each trial "
                     "chosen on a validation split of the attacker's subset", (), trials=20),
 )}
 

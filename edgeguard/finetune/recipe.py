@@ -7,6 +7,14 @@ back: the buyer owns the file) or `regrow` (they restart from small random value
 cannot stay dead). Beyond the optimizer and its schedule, two attacker moves happen before fine-tuning:
 `bn=reestimate` re-estimates BatchNorm statistics on the attacker's subset, and `source_fraction` first
 fine-tunes on a small source sample (TAR's switch attacker, TransNTL's repair).
+
+The adaptive attacker (issue 30) adds moves on the start: `reinit` re-initialises the top share of the
+layers (1.0: everything, which is training from scratch), `shrink`/`perturb` is shrink-and-perturb
+(θ ← shrink·θ + perturb·θ_fresh), and `pre` runs a phase on the target's unlabelled images first (`distil`: a
+fresh student distilled from the model; `shot`: SHOT's information maximisation). `reprogram` leaves the
+weights alone and trains an input adapter through the frozen model; with `pre="restyle"` the adapter first
+learns, from a few source images (`source_fraction`) and unlabelled target images, to make target inputs look
+authorised (JailNTL's disguise).
 """
 from __future__ import annotations
 
@@ -22,12 +30,15 @@ NAMED_ATTACKS = {
     "direct-head": ("head", "kept"),
     "initfc-all": ("all", "reinit"),
     "initfc-head": ("head", "reinit"),
+    "reprogram": ("input", "kept"),
 }
-CHOICES = {"train": ("all", "head"), "head": ("kept", "reinit"), "pruned": ("masked", "free", "regrow"),
-           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "bn": ("kept", "reestimate")}
+CHOICES = {"train": ("all", "head", "input"), "head": ("kept", "reinit"), "pruned": ("masked", "free", "regrow"),
+           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "bn": ("kept", "reestimate"),
+           "pre": ("none", "distil", "shot", "restyle")}
 
 # Fields added after runs.jsonl keys existed: left out of a key at their default, so old keys still match.
-_KEY_DEFAULTS = {"augment_shift": 0, "schedule": "none", "bn": "kept", "source_fraction": 0.0}
+_KEY_DEFAULTS = {"augment_shift": 0, "schedule": "none", "bn": "kept", "source_fraction": 0.0, "reinit": 0.0,
+                 "shrink": 1.0, "perturb": 0.0, "pre": "none"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class AttackRecipe:
     schedule: str = "none"  # none | cosine | warmup-cosine
     bn: str = "kept"  # kept | reestimate (BatchNorm statistics from the attacker's subset before fine-tuning)
     source_fraction: float = 0.0  # > 0: first fine-tune on this fraction of the source training set
+    reinit: float = 0.0  # share of the layers, from the top, re-initialised (1.0: the scratch start)
+    shrink: float = 1.0  # shrink-and-perturb: θ ← shrink·θ + perturb·θ_fresh before fine-tuning
+    perturb: float = 0.0
+    pre: str = "none"  # none | distil | shot | restyle: a phase on the target's unlabelled images first
     label: str = field(default="", compare=False)  # the name a suite gives it (not part of the key)
 
     def validate(self) -> None:
@@ -56,6 +71,18 @@ class AttackRecipe:
             raise EdgeguardError(f"attack source_fraction must be in [0, 1], got {self.source_fraction}")
         if self.augment_shift < 0:
             raise EdgeguardError(f"attack augment_shift must be ≥ 0, got {self.augment_shift}")
+        if not 0 <= self.reinit <= 1:
+            raise EdgeguardError(f"attack reinit must be in [0, 1] (the share of layers re-initialised), got {self.reinit}")
+        if not 0 <= self.shrink <= 1 or self.perturb < 0:
+            raise EdgeguardError(f"attack shrink must be in [0, 1] and perturb ≥ 0, got {self.shrink}, {self.perturb}")
+        if self.train == "input" and (self.head != "kept" or self.pre not in ("none", "restyle")):
+            raise EdgeguardError("a reprogramming attack keeps the head and takes no pre phase but restyle")
+        if self.train == "input" and (self.reinit or self.shrink != 1 or self.perturb or self.bn != "kept"):
+            raise EdgeguardError("a reprogramming attack leaves the weights alone: no reinit, shrink, perturb or bn")
+        if self.pre == "restyle" and self.train != "input":
+            raise EdgeguardError("pre = restyle trains an input adapter: use it with the reprogram attack")
+        if self.pre == "restyle" and not 0 < self.source_fraction <= 1:
+            raise EdgeguardError("pre = restyle learns from a few source images: give source_fraction > 0")
         self.train_config(0, "cpu").validate()
 
     @property
@@ -85,6 +112,12 @@ class AttackRecipe:
             parts.append("bn-reestimate")
         if self.source_fraction:
             parts.append(f"source {self.source_fraction:g}")
+        if self.reinit:
+            parts.append(f"reinit={self.reinit:g}")
+        if self.shrink != 1 or self.perturb:
+            parts.append(f"shrink={self.shrink:g} perturb={self.perturb:g}")
+        if self.pre != "none":
+            parts.append(self.pre)
         return " ".join(parts)
 
     def train_config(self, seed: int, device: str, cpu_bf16: bool = False) -> TrainConfig:
@@ -158,4 +191,5 @@ def parse_attack(spec: str, **recipe) -> AttackRecipe:
 
 def scratch_recipe(recipe: AttackRecipe) -> AttackRecipe:
     """What training from scratch uses of a recipe: the optimizer and its schedule, on everything."""
-    return replace(recipe, train="all", head="kept", pruned="masked", bn="kept", source_fraction=0.0)
+    return replace(recipe, train="all", head="kept", pruned="masked", bn="kept", source_fraction=0.0, reinit=0.0,
+                   shrink=1.0, perturb=0.0, pre="none")

@@ -3,6 +3,7 @@ training loop (`train_run`). The stacked engine trains many such runs at once on
 hardening runs its simulated attacks through `train_run` too, observing the weights between steps."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -10,11 +11,16 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
+from ..errors import EdgeguardError
 from ..masks import MaskSet
 from ..models import create_model
 from ..training import TensorData, TrainConfig, train_classifier
+from . import phases
+from .adapter import Adapted, adapt
 from .moves import attack_start, bn_move
 from .recipe import AttackRecipe
+
+PRE_SEED_OFFSET = 49979687  # the seed of a pre phase's fresh student or adapter is the run's seed + this
 
 
 @dataclass
@@ -39,7 +45,9 @@ def train_run(run: StackRun, desc: str = "attack", *,
     """Train one run on its own (the sequential path; the stacked engine trains many at once). `batches`
     replaces the recipe's shuffled epochs and `observe(t)` sees the weights between steps (`run_loop`)."""
     m = run.model
-    if run.head_only:
+    if isinstance(m, Adapted):  # an input attack: only the adapter trains, the model stays as shipped
+        params, modules = list(m.adapter.parameters()), {"adapter": m.adapter}
+    elif run.head_only:
         for p in m.encoder.parameters():
             p.requires_grad_(False)
         params, modules = list(m.head.parameters()), {"head": m.head}
@@ -51,14 +59,63 @@ def train_run(run: StackRun, desc: str = "attack", *,
     return m
 
 
-def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,
-              seed: int, device: str = "auto", cpu_bf16: bool = False) -> nn.Module:
-    """Fine-tune a copy of `model` on `train` by `recipe`; returns the copy (the input is never modified)."""
+def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int, dev: torch.device,
+               unlabelled: TensorData | None) -> tuple[nn.Module, MaskSet | None]:
+    """The recipe's phase on unlabelled target images before its moves (`distil`, `shot`), on a copy."""
+    if recipe.pre not in ("distil", "shot"):
+        return model, mask
+    if unlabelled is None or len(unlabelled) == 0:
+        raise EdgeguardError(f"attack {recipe.name}: the {recipe.pre} phase needs the target's unlabelled images")
+    images = unlabelled.to(dev)
+    if recipe.pre == "distil":
+        teacher = copy.deepcopy(model).to(dev)
+        return phases.distil(teacher, phases.fresh_copy(teacher, seed + PRE_SEED_OFFSET), images, seed), None
+    m = copy.deepcopy(model).to(dev)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return phases.shot(m, images, seed, mask.to(dev) if mask is not None and recipe.pruned == "masked" else None), mask
+
+
+def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int, data: TensorData,
+               device: str | torch.device = "auto", *, unlabelled: TensorData | None = None,
+               source: TensorData | None = None, cpu_bf16: bool = False, cache: dict | None = None) -> StackRun:
+    """Everything a recipe does before its fine-tuning, as a run ready to train: the pre phase on the target's
+    `unlabelled` images (reused from `cache` across ratios), the moves on the start, the input adapter (restyled
+    on the `source` sample), the source phase and the BatchNorm move. `model` is never modified."""
     dev = resolve_device(device)
-    m, use_mask = attack_start(model, mask, recipe, seed, dev)
-    bn_move(m, recipe, train)
-    return train_run(StackRun(m, train, recipe.train_config(seed, str(dev), cpu_bf16), use_mask,
-                              head_only=recipe.train == "head"), f"attack {recipe.name}")
+    key = (id(model), recipe.pre, seed, recipe.pruned == "masked")
+    if cache is not None and key in cache:
+        start, start_mask = cache[key]
+    else:
+        start, start_mask = _pre_phase(model, mask, recipe, seed, dev, unlabelled)
+        if cache is not None and recipe.pre in ("distil", "shot"):
+            cache[key] = (start, start_mask)
+    m, use_mask = attack_start(start, start_mask, recipe, seed, dev)
+    cfg = recipe.train_config(seed, str(dev), cpu_bf16)
+    if recipe.train == "input":
+        m = adapt(m, seed + PRE_SEED_OFFSET)
+        if recipe.pre == "restyle":
+            if unlabelled is None or source is None:
+                raise EdgeguardError(f"attack {recipe.name}: restyling needs unlabelled target and a source sample")
+            phases.restyle(m, unlabelled.to(dev), source.to(dev), seed)
+        return StackRun(m, data, cfg, None)
+    head_only = recipe.train == "head"
+    if recipe.source_fraction > 0:
+        if source is None:
+            raise EdgeguardError(f"attack {recipe.name}: the source phase needs the source sample")
+        m = train_run(StackRun(m, source, cfg, use_mask, head_only), "attack source phase")
+    bn_move(m, recipe, data)
+    return StackRun(m, data, cfg, use_mask, head_only=head_only)
+
+
+def fine_tune(model: nn.Module, mask: MaskSet | None, train: TensorData, recipe: AttackRecipe,
+              seed: int, device: str = "auto", cpu_bf16: bool = False, *, unlabelled: TensorData | None = None,
+              source: TensorData | None = None) -> nn.Module:
+    """Fine-tune a copy of `model` on `train` by `recipe`; returns the copy (the input is never modified).
+    `unlabelled` target images feed a pre phase; `source` is the sample a source-aided or restyling recipe uses."""
+    run = attack_run(model, mask, recipe, seed, train, device, unlabelled=unlabelled, source=source,
+                     cpu_bf16=cpu_bf16)
+    return train_run(run, f"attack {recipe.name}")
 
 
 def scratch_model(arch: str, num_classes: int, seed: int, arch_args: dict | None = None) -> nn.Module:

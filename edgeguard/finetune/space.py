@@ -24,6 +24,9 @@ class AttackSpace:
     heads: tuple[str, ...] = ("kept", "reinit")
     pruned: tuple[str, ...] = ("masked", "free", "regrow")
     bn: tuple[str, ...] = ("kept", "reestimate")
+    reinit: tuple[float, ...] = (0.0, 0.0, 0.25, 0.5)  # the search's partial re-initialisation (0: none)
+    shrink_perturb: tuple[tuple[float, float], ...] = ((1.0, 0.0), (1.0, 0.0), (0.4, 0.1))
+    pre: tuple[str, ...] = ("none", "none", "distil", "shot")
 
     @property
     def optimizers(self) -> tuple[str, ...]:
@@ -40,15 +43,19 @@ class AttackSpace:
 
     def search_draw(self, rng: np.random.Generator, label: str = "") -> AttackRecipe:
         """One random-search candidate: any optimizer at a log-uniform lr over the whole span, epochs, batch,
-        schedule, head and BN uniformly; pruned weights free (the search's attacker owns the file)."""
+        schedule, head, BN, partial re-initialisation, shrink-and-perturb and pre phase from their choices;
+        pruned weights free (the search's attacker owns the file)."""
         opt = self.optimizers[int(rng.integers(len(self.optimizers)))]
         lo, hi = self.lr_span()
         lr = float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
         pick = _picker(rng)
-        return AttackRecipe(train="all", head=pick(self.heads), pruned="free", optimizer=opt, lr=lr,
-                            weight_decay=self.weight_decay[opt], epochs=int(pick(self.epochs)),
-                            batch_size=int(pick(self.batch_sizes)), schedule=pick(self.schedules), bn=pick(self.bn),
-                            label=label)
+        head, epochs, batch = pick(self.heads), int(pick(self.epochs)), int(pick(self.batch_sizes))
+        schedule, bn = pick(self.schedules), pick(self.bn)
+        shrink, perturb = pick(self.shrink_perturb)
+        return AttackRecipe(train="all", head=head, pruned="free", optimizer=opt, lr=lr,
+                            weight_decay=self.weight_decay[opt], epochs=epochs, batch_size=batch, schedule=schedule,
+                            bn=bn, reinit=float(pick(self.reinit)), shrink=float(shrink), perturb=float(perturb),
+                            pre=pick(self.pre), label=label)
 
     def simulated_draw(self, rng: np.random.Generator, p_head_reinit: float, p_free: float,
                        p_bn_reestimate: float) -> AttackRecipe:
