@@ -8,6 +8,7 @@ is kept, so the table can be re-made from `edgeguard evaluate --suite` runs done
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def main() -> None:
     rows = [f"| model | method | source acc. | paper SLC-AUC | robust SLC-AUC ({suite.name}, {len(suite.recipes)} "
             "recipes) | best recipe of the protected model per ratio | strongest single recipe (its SLC-AUC) | wall s |",
             "|---|---|---|---|---|---|---|---|"]
+    direct = ["| model | input attack | plain direct use | under attack, by n |", "|---|---|---|---|"]
+    under, share = None, []
     for model in a.models:
-        rep = Path(a.reports) / f"robust_{Path(model).stem}"
+        rep = Path(a.reports) / (f"robust_{Path(model).stem}" if suite.name == "robust"
+                                 else f"{suite.name}_{Path(model).stem}")
         earlier = rep / "report.json"
         first_wall = json.loads(earlier.read_text()).get("wall_seconds") if earlier.exists() else None
         cfg = EvalConfig(target=a.target, attacks=list(suite.recipes), grid=parse_grid(a.grid), seeds=a.seeds,
@@ -52,7 +56,36 @@ def main() -> None:
                     f"{paper[0]:+.2f} | **{s['robust_slc_auc'][0]:+.2f} ± {s['robust_slc_auc'][1]:.2f}** | "
                     f"{', '.join(s['protected_winner'])} | {best} {per[best][0]:+.2f} | {wall:.0f} |")
         print(rows[-1], flush=True)
+        if suite.name != "robust":
+            share.append(_robust_share(model, cfg, rep))
+        under = res.get("direct_under_attack")
+        if under:
+            for name, curves in under["attacks"].items():
+                direct.append(f"| {Path(model).name} | {name} | {under['plain']['protected'] * 100:.1f} | "
+                              + ", ".join(f"{v * 100:.1f}" for v in curves["protected"]) + " |")
+    if share:
+        rows += ["", "Cost against the robust suite (run-seconds of every run in runs.jsonl against those of the robust "
+                 "grid's own runs): " + "; ".join(share)]
+    if len(direct) > 2:
+        rows += ["", "Direct use under input-space attacks (target accuracy %, the weights as shipped; n = "
+                 f"{', '.join(str(n) for n in under['n'])}):", "", *direct]
     record(f"Suite {suite.name} per model, {a.target}, grid {a.grid or 'default'}, {a.seeds} seed(s)", rows)
+
+
+def _robust_share(model: str, cfg: EvalConfig, rep: Path) -> str:
+    """How much longer the suite ran than the robust suite would have: all run-seconds over the run-seconds of
+    the robust grid's own runs (the same keys the robust suite plans)."""
+    from edgeguard.artifact import load_artifact
+    from edgeguard.evaluation.plan import GridKey, grid_jobs
+
+    card = load_artifact(model).card
+    g = GridKey(cfg.target, cfg.max_train, cfg.max_test, cfg.class_map,
+                hashlib.sha256(Path(model).read_bytes()).hexdigest(), None, card.arch, card.arch_args)
+    robust = {j.key for j in grid_jobs(list(get_suite("robust").recipes), cfg.seeds, cfg.grid, g)}
+    rows = [json.loads(x) for x in (rep / "runs.jsonl").read_text().splitlines() if x.strip()]
+    total = sum(r["seconds"] for r in rows)
+    part = sum(r["seconds"] for r in rows if r["key"] in robust)
+    return f"{Path(model).name} {total:.0f} / {part:.0f} s = {total / max(part, 1e-9):.2f}×"
 
 
 if __name__ == "__main__":

@@ -682,7 +682,7 @@ def attacks_cmd(suite, as_json) -> None:
         click.echo(f"{s.name}: {s.description}" + (f" ({s.trials} search trials)" if s.trials else ""))
         if suite:
             for r in s.recipes:
-                click.echo(f"  {r.name:<16} {r.base_name:<18} {r.optimizer} lr={r.lr:g} wd={r.weight_decay:g} "
+                click.echo(f"  {r.name:<20} {r.base_name:<18} {r.optimizer} lr={r.lr:g} wd={r.weight_decay:g} "
                            f"{r.epochs} ep bs={r.batch_size} schedule={r.schedule} bn={r.bn}"
                            + (f" source={r.source_fraction:g}" if r.source_fraction else "")
                            + (f" reinit={r.reinit:g}" if r.reinit else "")

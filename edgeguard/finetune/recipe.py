@@ -88,7 +88,7 @@ class AttackRecipe:
     @property
     def base_name(self) -> str:
         base = {v: k for k, v in NAMED_ATTACKS.items()}[(self.train, self.head)]
-        return f"{base}/{self.pruned}"
+        return base if self.train == "input" else f"{base}/{self.pruned}"  # an input attack moves no weight
 
     @property
     def name(self) -> str:
