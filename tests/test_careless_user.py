@@ -202,9 +202,18 @@ def test_every_registered_architecture_trains_well_above_chance(arch):
 
 
 def test_registry_contract_covers_every_architecture():
-    from edgeguard.models import list_models
+    import torch
 
-    assert set(list_models()) == {"cnn32", "mobilenet_v3_small", "resnet18", "small_cnn", "vgg11"}
+    from edgeguard.models import create_model, list_models
+    from edgeguard.models.registry import default_input
+
+    assert set(list_models()) == {"cnn32", "mobilenet_v3_small", "natural_ref", "resnet18", "small_cnn", "vgg11"}
+    # natural_ref is mobilenet_v3_small (trained above) at the natural-image reference input (PACS rows: RESULTS)
+    spec = default_input("natural_ref")
+    assert spec.shape == (3, 112, 112) and spec.resize == "center-crop" and spec.mean != (0.5, 0.5, 0.5)
+    ref, mnv3 = create_model("natural_ref", 7), create_model("mobilenet_v3_small", 7)
+    assert [(n, p.shape) for n, p in ref.named_parameters()] == [(n, p.shape) for n, p in mnv3.named_parameters()]
+    assert ref.input_spec == spec and ref(torch.zeros(2, 3, 112, 112)).shape == (2, 7)
 
 
 # --- 4. tracebacks and lost work -----------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_search_never_reads_the_test_set(mnist_model, tmp_path, monkeypatch):
     import edgeguard.evaluation.execute as execute
 
     cfg = dict(target="usps", grid=(0.02, 0.05), seeds=1, max_train=600, max_test=300, device="cpu", attacks=[],
-               search_trials=3, suite="search")
+               search_trials=3, suite="search", executor="local")
     monkeypatch.setenv("EDGEGUARD_CACHE", str(tmp_path / "c1"))
     clean = evaluate_model(mnist_model, EvalConfig(**cfg), tmp_path / "clean")
     real = execute.get_domain
@@ -145,6 +145,11 @@ def test_search_never_reads_the_test_set(mnist_model, tmp_path, monkeypatch):
     assert c.protected != d.protected  # the poison did reach the test set
     trial_rows = [json.loads(x) for x in (tmp_path / "clean" / "runs.jsonl").read_text().splitlines()]
     assert sum(r.get("split") == "trial" for r in trial_rows) == 3 * 2 * 2  # trials × (protected, scratch) × ratios
+    dirty_rows = {r["key"]: r for r in map(json.loads, (tmp_path / "dirty" / "runs.jsonl").read_text().splitlines())}
+    for r in trial_rows:  # every trial (SHOT phases on the target's unlabelled images among them) scored the same
+        if r.get("split") == "trial":
+            assert dirty_rows[r["key"]]["accuracy"] == r["accuracy"]
+    assert any(r["recipe"].get("pre") == "shot" for r in trial_rows)
 
 
 def test_suites_are_data_and_bad_files_are_one_line_errors(tmp_path):
