@@ -103,23 +103,23 @@ def test_adaptive_suite_holds_every_new_attack():
     assert len({json.dumps(r.key(), sort_keys=True) for r in adaptive}) == len(adaptive)
 
 
-def test_adaptive_attacks_in_an_evaluation(protected, mnist_model, tmp_path):
+def test_adaptive_attacks_in_an_evaluation(protected, tmp_path):
     """Two recipes with one name and different settings both reach the report; full re-initialisation is the
     scratch run itself (one key, trained once) and makes the robust SLC-AUC ≥ 0; the pre phases and the
     restyled adapter run inside the grid; the direct-use report holds the input attacks."""
-    twins = [parse_attack("direct-all/free", lr=1e-3, epochs=2, label="twin"),
-             parse_attack("direct-all/free", lr=3e-3, epochs=2, label="twin")]
+    twins = [parse_attack("direct-all/free", lr=1e-3, epochs=1, label="twin"),
+             parse_attack("direct-all/free", lr=3e-3, epochs=1, label="twin")]
     extra = [parse_attack("direct-all/free", lr=1e-3, epochs=2, reinit=1.0, label="restart"),
              parse_attack("direct-all/free", lr=1e-3, epochs=2, pre="distil", label="distil"),
              parse_attack("direct-all/masked", lr=1e-3, epochs=2, pre="shot", label="shot"),
              parse_attack("reprogram", lr=1e-2, epochs=2, pre="restyle", source_fraction=0.005, label="restyle")]
-    cfg = EvalConfig(target="usps", grid=(0.05, 0.2), seeds=1, max_train=400, max_test=300, device="cpu",
+    cfg = EvalConfig(target="usps", grid=(0.05, 0.2), seeds=1, max_train=300, max_test=300, device="cpu",
                      attacks=twins + extra, executor="local")
-    res = evaluate_model(protected, cfg, tmp_path / "rep", unprotected=mnist_model)
+    res = evaluate_model(protected, cfg, tmp_path / "rep")
     names = [c.attack for c in res.attacks]
     assert len(names) == 6 and len(set(names)) == 6 and sum(n.startswith("twin #") for n in names) == 2
     by = {c.attack: c for c in res.attacks}
-    assert by["restart"].protected == by["restart"].scratch == by["restart"].unprotected
+    assert by["restart"].protected == by["restart"].scratch
     assert res.suite.robust_slc_auc[0] >= 0
     assert set(res.suite.per_recipe_slc_auc) == set(names)
     rows = [json.loads(x) for x in (tmp_path / "rep" / "runs.jsonl").read_text().splitlines()]
