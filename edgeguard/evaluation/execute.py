@@ -70,7 +70,7 @@ class _Context:
     cpu_bf16: bool = False
     source_train: TensorData | None = None  # loaded when a recipe is source-aided
     data_root: str | None = None
-    phases: dict = field(default_factory=dict)  # pre phases (distil, shot) per (model, seed), reused across ratios
+    phases: dict = field(default_factory=dict)  # pre phases and restyled adapters per (model, seed), across ratios
 
     def source(self) -> TensorData:
         if self.source_train is None:

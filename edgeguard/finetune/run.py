@@ -80,8 +80,9 @@ def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
                device: str | torch.device = "auto", *, unlabelled: TensorData | None = None,
                source: TensorData | None = None, cpu_bf16: bool = False, cache: dict | None = None) -> StackRun:
     """Everything a recipe does before its fine-tuning, as a run ready to train: the pre phase on the target's
-    `unlabelled` images (reused from `cache` across ratios), the moves on the start, the input adapter (restyled
-    on the `source` sample), the source phase and the BatchNorm move. `model` is never modified."""
+    `unlabelled` images, the moves on the start, the input adapter (restyled on the `source` sample), the source
+    phase and the BatchNorm move (pre phases and restyling are reused from `cache` across ratios, as they do
+    not depend on the ratio). `model` is never modified."""
     dev = resolve_device(device)
     key = (id(model), recipe.pre, seed, recipe.pruned == "masked")
     if cache is not None and key in cache:
@@ -94,10 +95,15 @@ def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
     cfg = recipe.train_config(seed, str(dev), cpu_bf16)
     if recipe.train == "input":
         m = adapt(m, seed + PRE_SEED_OFFSET)
-        if recipe.pre == "restyle":
+        style_key = (id(model), "restyle", seed, recipe.source_fraction)
+        if recipe.pre == "restyle" and cache is not None and style_key in cache:
+            m.adapter.load_state_dict(cache[style_key])
+        elif recipe.pre == "restyle":
             if unlabelled is None or source is None:
                 raise EdgeguardError(f"attack {recipe.name}: restyling needs unlabelled target and a source sample")
             phases.restyle(m, unlabelled.to(dev), source.to(dev), seed)
+            if cache is not None:
+                cache[style_key] = copy.deepcopy(m.adapter.state_dict())
         return StackRun(m, data, cfg, None)
     head_only = recipe.train == "head"
     if recipe.source_fraction > 0:
