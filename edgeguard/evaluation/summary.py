@@ -138,12 +138,13 @@ def direct_use(art: Artifact, ref: Artifact | None, cfg: EvalConfig, test: Tenso
     return target_after, source_after, direct
 
 
-def under_attack(attacks: list[Curves], plain: float, plain_unprotected: float | None) -> dict | None:
+def under_attack(attacks: list[Curves], plain: float, ref: Artifact | None, test: TensorData) -> dict | None:
     """The direct-use claim under input-space attacks: the weights as shipped, an input adapter trained on the
     attacker's n target images in front of them; its target accuracy at each n beside the plain one."""
     inputs = [c for c in attacks if c.recipe.get("train") == "input"]
     if not inputs:
         return None
+    plain_unprotected = evaluate(ref.model, test) if ref is not None else None
     out = {"plain": {"protected": plain, "unprotected": plain_unprotected}, "n": inputs[0].n, "attacks": {}}
     for c in inputs:
         out["attacks"][c.attack] = {k: np.asarray(c.curve(k)).mean(0).tolist()
@@ -162,6 +163,5 @@ def summarise(art: Artifact, ref: Artifact | None, cfg: EvalConfig, jobs: list[R
     result = EvalResult(str(art.path), card.arch, card.method, card.source_domain, cfg.target, cfg.seeds,
                         list(cfg.grid), card.mask.sparsity if card.mask else 0.0, target_after, source_after, direct,
                         attacks, str(ref.path) if ref is not None else None, envelope(attacks, cfg))
-    result.direct_under_attack = under_attack(attacks, target_after,
-                                              evaluate(ref.model, test) if ref is not None else None)
+    result.direct_under_attack = under_attack(attacks, target_after, ref, test)
     return result

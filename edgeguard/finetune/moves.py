@@ -50,13 +50,21 @@ def reinit_top_(model: nn.Module, share: float, seed: int) -> list[str]:
     return fresh
 
 
+def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture from a seeded fresh init, trainable (shrink-and-perturb's noise, the distilled
+    student)."""
+    fresh = copy.deepcopy(model)
+    for p in fresh.parameters():
+        p.requires_grad_(True)
+    reinit_top_(fresh, 1.0, seed)
+    return fresh
+
+
 @torch.no_grad()
 def shrink_perturb_(model: nn.Module, shrink: float, perturb: float, seed: int) -> None:
     """Shrink-and-perturb (Ash & Adams): θ ← shrink·θ + perturb·θ_fresh, θ_fresh a seeded fresh init of the
     same architecture (so the noise has each layer's own scale); BatchNorm statistics are left as they were."""
-    fresh = copy.deepcopy(model)
-    reinit_top_(fresh, 1.0, seed)
-    new = dict(fresh.named_parameters())
+    new = dict(fresh_copy(model, seed).named_parameters())
     for name, p in model.named_parameters():
         p.mul_(shrink).add_(new[name].to(p.device, p.dtype), alpha=perturb)
 

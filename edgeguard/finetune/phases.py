@@ -7,7 +7,6 @@ match the model's outputs (it keeps what the model knows and drops its mask and 
 steps), seeded."""
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -118,14 +117,3 @@ def restyle(adapted: Adapted, images: TensorData, source: TensorData, seed: int)
     _loop({"adapter": adapted.adapter}, adapted.adapter.parameters(), images, seed, 1e-2, "adam", loss,
           model=adapted)
     return adapted
-
-
-def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
-    """The same architecture from a seeded fresh init (the distillation's student)."""
-    from .moves import reinit_top_
-
-    student = copy.deepcopy(model)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    reinit_top_(student, 1.0, seed)
-    return student

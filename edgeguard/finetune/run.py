@@ -17,7 +17,7 @@ from ..models import create_model
 from ..training import TensorData, TrainConfig, train_classifier
 from . import phases
 from .adapter import Adapted, adapt
-from .moves import attack_start, bn_move
+from .moves import attack_start, bn_move, fresh_copy
 from .recipe import AttackRecipe
 
 PRE_SEED_OFFSET = 49979687  # the seed of a pre phase's fresh student or adapter is the run's seed + this
@@ -69,7 +69,7 @@ def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
     images = unlabelled.to(dev)
     if recipe.pre == "distil":
         teacher = copy.deepcopy(model).to(dev)
-        return phases.distil(teacher, phases.fresh_copy(teacher, seed + PRE_SEED_OFFSET), images, seed), None
+        return phases.distil(teacher, fresh_copy(teacher, seed + PRE_SEED_OFFSET), images, seed), None
     m = copy.deepcopy(model).to(dev)
     for p in m.parameters():
         p.requires_grad_(True)
