@@ -53,12 +53,14 @@ def _runs(pruned, usps, recipe: AttackRecipe):
 
 
 @pytest.mark.parametrize("recipe", [AttackRecipe(epochs=3),  # NTP's Adam 1e-4
-                                    AttackRecipe(epochs=3, optimizer="sgd", lr=1e-3)],  # momentum 0.9, wd 8e-4
-                         ids=["adam", "sgd-momentum"])
+                                    AttackRecipe(epochs=3, optimizer="sgd", lr=1e-3),  # momentum 0.9, wd 8e-4
+                                    AttackRecipe(epochs=3, optimizer="rmsprop", lr=1e-5),  # g/√v early on: sign-like
+                                    AttackRecipe(epochs=3, optimizer="adagrad", lr=1e-3)],  # g/√Σg²: sign-like
+                         ids=["adam", "sgd-momentum", "rmsprop", "adagrad"])
 def test_stack_matches_runs_done_one_by_one(pruned, usps, recipe):
-    """Parameters to rtol 1e-4 (atol 1e-5), BatchNorm running statistics to rtol 1e-3: on a CPU each run keeps
+    """Parameters to rtol 1e-4 (atol 5e-5), BatchNorm running statistics to rtol 1e-3: on a CPU each run keeps
     its own conv kernels, and what is left is BatchNorm's float reduction order over a wider tensor (a few
-    values in thousands differ by ~1e-5 after 3 epochs)."""
+    values in thousands differ by 1e-5 to 3e-5 after 3 epochs, depending on the CPU's vector unit)."""
     _, test = usps
     alone = [train_run(r) for r in _runs(pruned, usps, recipe)]
     runs = _runs(pruned, usps, recipe)
@@ -68,7 +70,7 @@ def test_stack_matches_runs_done_one_by_one(pruned, usps, recipe):
         sa, sb = a.state_dict(), b.state_dict()
         params = dict(a.named_parameters())
         for name in sa:
-            tol = dict(rtol=1e-4, atol=1e-5) if name in params else dict(rtol=1e-3, atol=1e-4)  # BN statistics
+            tol = dict(rtol=1e-4, atol=5e-5) if name in params else dict(rtol=1e-3, atol=1e-4)  # BN statistics
             torch.testing.assert_close(sb[name].float(), sa[name].float(), **tol,
                                        msg=lambda m, name=name: f"{name}: {m}")
         assert abs(evaluate(a, test) - evaluate(b, test)) <= 0.005

@@ -16,8 +16,10 @@ class AttackSpace:
     """Per optimizer: its learning-rate range (log-uniform) and weight decay; and the discrete choices."""
 
     lr: dict[str, tuple[float, float]] = field(default_factory=lambda: {
-        "sgd": (1e-3, 1e-1), "adam": (1e-5, 3e-3), "adamw": (1e-5, 3e-3)})
-    weight_decay: dict[str, float] = field(default_factory=lambda: {"sgd": 8e-4, "adam": 8e-4, "adamw": 1e-2})
+        "sgd": (1e-3, 1e-1), "adam": (1e-5, 3e-3), "adamw": (1e-5, 3e-3), "rmsprop": (1e-5, 1e-3),
+        "adagrad": (1e-3, 1e-1)})
+    weight_decay: dict[str, float] = field(default_factory=lambda: {"sgd": 8e-4, "adam": 8e-4, "adamw": 1e-2,
+                                                                   "rmsprop": 8e-4, "adagrad": 8e-4})
     epochs: tuple[int, ...] = (10, 30, 60)
     batch_sizes: tuple[int, ...] = (32, 64, 128)
     schedules: tuple[str, ...] = ("none", "warmup-cosine")

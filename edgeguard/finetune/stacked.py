@@ -220,8 +220,8 @@ def _note_fallback(arch: str, why: str) -> None:
 
 
 class _StackedOptimizer:
-    """Adam, AdamW and SGD (torch's update rules, no amsgrad, no nesterov) with per-run lr, weight decay,
-    momentum and schedule, and per-run step counts, so a run that sits out a tick keeps its state untouched."""
+    """Adam, AdamW, SGD, RMSprop and Adagrad (torch's update rules and defaults, no amsgrad, no nesterov, no
+    centring) with per-run lr, weight decay, momentum and schedule, and per-run step counts, so a run that sits out a tick keeps its state untouched."""
 
     def __init__(self, params: list[nn.Parameter], cfgs: list[TrainConfig], family: str):
         self.params, self.family = params, family
@@ -235,6 +235,7 @@ class _StackedOptimizer:
         self.state = [{"a": torch.zeros_like(p), "b": torch.zeros_like(p) if self.adam else None}
                       for p in params]
         self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
+        self.alpha, self.adagrad_eps = 0.99, 1e-10  # RMSprop's smoothing, Adagrad's epsilon (torch's defaults)
 
     @staticmethod
     def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -268,6 +269,12 @@ class _StackedOptimizer:
                 b.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
                 denom = (b.sqrt() / self._col(bc2_sqrt, b)).add_(self.eps)
                 w.sub_((a / denom).mul_(self._col(lr / bc1, w)))
+            elif self.family == "rmsprop":  # a: the running mean of g²
+                a.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+                w.sub_((g / a.sqrt().add_(self.eps)).mul_(self._col(lr, w)))
+            elif self.family == "adagrad":  # a: the sum of g²
+                a.addcmul_(g, g)
+                w.sub_((g / a.sqrt().add_(self.adagrad_eps)).mul_(self._col(lr, w)))
             else:
                 mom = self.mom if full else self.mom[dev_sel]
                 first = self._col((steps == 1).to(torch.float64), g)
