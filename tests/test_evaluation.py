@@ -87,7 +87,8 @@ def test_free_attack_regrows_pruned_weights(zeroed_model, tmp_path):
 
 def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypatch):
     """Killed mid-stack (one run of a stack logged, its partner not), the evaluation resumes and ends with the
-    same report; the same grid through worker processes gives the same runs."""
+    same report (to one test image: float summation order); the same grid through worker processes gives the
+    same runs."""
     import edgeguard.evaluation.execute as execute
 
     cfg = _cfg(grid=(0.02, 0.05, 0.1), seeds=1)
@@ -111,8 +112,10 @@ def test_resumed_evaluation_equals_uninterrupted(mnist_model, tmp_path, monkeypa
     assert len((tmp_path / "b" / "runs.jsonl").read_text().splitlines()) == 3
     monkeypatch.setattr(execute, "_row", real)
     resumed = evaluate_model(mnist_model, cfg, tmp_path / "b")
-    assert resumed.attacks[0].protected == full.attacks[0].protected
-    assert resumed.attacks[0].scratch == full.attacks[0].scratch
+    # the run resumed alone is stacked without its partner, so BatchNorm reduces in another float order: on
+    # some CPUs (an Intel Xeon here) 1e-5 in the weights after training, one test image of 600 flips
+    for kind in ("protected", "scratch"):
+        assert np.allclose(getattr(resumed.attacks[0], kind), getattr(full.attacks[0], kind), atol=2 / 600), kind
     rows = [json.loads(x) for x in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 3 protected + 3 scratch, none run twice
 
