@@ -31,7 +31,17 @@ from ..devices import autocast, resolve_device
 from ..errors import EdgeguardError
 from ..inputspec import InputSpec
 from ..models.registry import input_of
-from ..training import TrainConfig, epoch_generator, iterate_batches, lr_factor, recipe_input
+from ..training import (
+    ADAGRAD_EPS,
+    ADAM_BETAS,
+    ADAM_EPS,
+    RMS_ALPHA,
+    TrainConfig,
+    epoch_generator,
+    iterate_batches,
+    lr_factor,
+    recipe_input,
+)
 from .run import StackRun
 
 log = logging.getLogger(__name__)
@@ -221,7 +231,8 @@ def _note_fallback(arch: str, why: str) -> None:
 
 class _StackedOptimizer:
     """Adam, AdamW, SGD, RMSprop and Adagrad (torch's update rules and defaults, no amsgrad, no nesterov, no
-    centring) with per-run lr, weight decay, momentum and schedule, and per-run step counts, so a run that sits out a tick keeps its state untouched."""
+    centring) with per-run lr, weight decay, momentum and schedule, and per-run step counts, so a run that sits
+    out a tick keeps its state untouched."""
 
     def __init__(self, params: list[nn.Parameter], cfgs: list[TrainConfig], family: str):
         self.params, self.family = params, family
@@ -234,8 +245,8 @@ class _StackedOptimizer:
         self.adam = family in ("adam", "adamw")
         self.state = [{"a": torch.zeros_like(p), "b": torch.zeros_like(p) if self.adam else None}
                       for p in params]
-        self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
-        self.alpha, self.adagrad_eps = 0.99, 1e-10  # RMSprop's smoothing, Adagrad's epsilon (torch's defaults)
+        (self.beta1, self.beta2), self.eps = ADAM_BETAS, ADAM_EPS
+        self.alpha, self.adagrad_eps = RMS_ALPHA, ADAGRAD_EPS
 
     @staticmethod
     def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..training import TrainConfig, lr_factor
+from ..training import ADAGRAD_EPS, ADAM_BETAS, ADAM_EPS, RMS_ALPHA, TrainConfig, lr_factor
 
-BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's and AdamW's (torch's defaults)
-RMS_ALPHA, ADAGRAD_EPS = 0.99, 1e-10  # RMSprop's smoothing, Adagrad's epsilon (torch's defaults)
 FLOOR = 0.1  # the backward pass's normaliser: at least this share of its tensor's mean
 
 
@@ -45,12 +43,12 @@ def diff_update(cfg: TrainConfig, p: torch.Tensor, g: torch.Tensor, state: tuple
     g2 = (g * g).detach()
     if family in ("adam", "adamw"):
         m0, v0 = state or (torch.zeros_like(p), torch.zeros_like(p))
-        m, v = BETAS[0] * m0 + (1 - BETAS[0]) * g, BETAS[1] * v0 + (1 - BETAS[1]) * g2
-        bc1, bc2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
-        return p - (lr / bc1) * _normalised(m, v.sqrt() / bc2 ** 0.5 + EPS), (m, v)
+        m, v = ADAM_BETAS[0] * m0 + (1 - ADAM_BETAS[0]) * g, ADAM_BETAS[1] * v0 + (1 - ADAM_BETAS[1]) * g2
+        bc1, bc2 = 1 - ADAM_BETAS[0] ** step, 1 - ADAM_BETAS[1] ** step
+        return p - (lr / bc1) * _normalised(m, v.sqrt() / bc2 ** 0.5 + ADAM_EPS), (m, v)
     if family == "rmsprop":
         v = RMS_ALPHA * (state[0] if state else torch.zeros_like(p)) + (1 - RMS_ALPHA) * g2
-        return p - lr * _normalised(g, v.sqrt() + EPS), (v,)
+        return p - lr * _normalised(g, v.sqrt() + ADAM_EPS), (v,)
     if family == "adagrad":
         s = (state[0] if state else torch.zeros_like(p)) + g2
         return p - lr * _normalised(g, s.sqrt() + ADAGRAD_EPS), (s,)
@@ -114,6 +112,4 @@ def simulated_attack_loss(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tens
             return None
         return F.cross_entropy(functional_call(model, {**params, **buffers}, (x_out,)).float(), y_out)
 
-    second_order = torch.is_grad_enabled()
-    with torch.enable_grad():
-        return unrolled_run(model, start, cfg, steps, lambda t: (x_in, y_in), keep, probe, second_order)[0]
+    return unrolled_run(model, start, cfg, steps, lambda t: (x_in, y_in), keep, probe, torch.is_grad_enabled())[0]
