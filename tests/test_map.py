@@ -6,7 +6,7 @@ import torch
 from edgeguard.artifact import load_artifact
 from edgeguard.inputspec import DIGITS_INPUT
 from edgeguard.masks import is_n_m
-from edgeguard.methods.map import MapConfig
+from edgeguard.methods.map import MapConfig, selection_key
 from edgeguard.methods.synthesis import SynthesisConfig, bn_distance, synthesize
 from edgeguard.protect import protect
 
@@ -139,6 +139,15 @@ def test_source_free_map_keeps_the_source_with_its_pseudo_source(mnist_model, tm
     assert new.config["synth"]["init"] == "auto" and new.sparsity <= 0.05 + 1e-6  # the source-free cap
     assert new.source.after >= 0.50, new.line()
     assert new.accuracy("usps").after <= 0.20
+
+
+def test_mask_selection_breaks_ties_by_the_held_out_source_kl():
+    """Two epochs whose agreements tie (target collapsed, held-out source fully kept) rank by the held-out
+    source KL; a better agreement score wins whatever the KL."""
+    first, later = selection_key(1.0, 0.30, 0.348, 10.0), selection_key(1.0, 0.02, 0.348, 10.0)
+    assert later < first
+    assert selection_key(1.0, 0.5, 0.30, 10.0) < later  # a lower target agreement decides first
+    assert selection_key(0.999, 0.0, 0.348, 10.0) > first  # so does a lost held-out source image
 
 
 def test_seed_reaches_the_pseudo_source():

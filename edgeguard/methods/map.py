@@ -14,7 +14,8 @@ What is OUR design (the paper's recipe was not available to us):
 - `map_objective`: KL distillation from the frozen model (+ CE where source labels exist) on source images,
   minus a per-sample clipped KL away from the frozen model's answers on target images (no target labels);
 - each epoch's hard mask is scored on held-out images (source agreement weighted `select_source_weight`,
-  target agreement) and the best one is kept: the hard mask flips often, the last one is not the best;
+  target agreement; ties broken by the held-out source KL) and the best one is kept: the hard mask flips
+  often, the last one is not the best;
 - a repair phase (`repair_objective`): the scores restart from the chosen mask and train on the source terms
   plus a KL that holds the chosen mask's target answers, so weights the source needs may grow back;
 - pseudo-source for source-free / data-free: DeepInversion (methods/synthesis.py), started from the defender's
@@ -215,6 +216,14 @@ def repair_objective(student_s, teacher_s, y_s, student_t, protected_t, cfg: Map
     return loss + cfg.repair_target * keep, metrics
 
 
+def selection_key(src_agree: float, src_kl: float, tgt_agree: float, source_weight: float) -> tuple[float, float]:
+    """How an epoch's hard mask ranks (lower is better): source_weight·(1 − held-out source agreement) + held-out
+    target agreement, then the held-out source KL(frozen ‖ masked). Agreements are counts, so the first part
+    ties (a collapsed target and a fully kept held-out pseudo-source from the first epoch on): without the KL
+    the first epoch's crude mask was kept (RESULTS, "the selection tie")."""
+    return source_weight * (1 - src_agree) + tgt_agree, src_kl
+
+
 def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: MapConfig, has_labels: bool,
                device: torch.device, checkpoints: Checkpoints) -> tuple[MaskSet, list]:
     """Learn the mask on (source, target) batches; the model's weights never change."""
@@ -228,6 +237,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     for i, k in enumerate(scores.keep()):  # the best mask so far, checkpointed with the scores
         scores.register_buffer(f"best_{i}", k.clone())
     scores.register_buffer("best_score", torch.tensor(float("inf"), device=device))
+    scores.register_buffer("best_kl", torch.tensor(float("inf"), device=device))  # the tie-breaker
     steps = math.ceil(len(target) / cfg.batch_size)  # an epoch is one pass over the target set
 
     def batches(epoch: int, gen: torch.Generator):
@@ -252,21 +262,24 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
             return map_objective(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
         return repair_objective(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
 
-    def agreement(data: TensorData, reference: torch.Tensor) -> float:
+    def agreement(data: TensorData, reference: torch.Tensor) -> tuple[float, float]:
+        """Argmax agreement with the frozen model's logits `reference`, and the mean KL(frozen ‖ masked)."""
         with torch.no_grad():
-            preds = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512], spec)).argmax(1)
-                               for i in range(0, len(data), 512)])
-        return float((preds == reference).float().mean())
+            out = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512], spec)).float()
+                             for i in range(0, len(data), 512)])
+            kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
+        return float((out.argmax(1) == reference.argmax(1)).float().mean()), float(kl)
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         ms = scores.maskset()
-        src_agree, tgt_agree = agreement(held_src, frozen_src), agreement(held_tgt, frozen_tgt)
-        score = cfg.select_source_weight * (1 - src_agree) + tgt_agree
-        if score < float(scores.best_score):
+        (src_agree, src_kl), (tgt_agree, _) = agreement(held_src, frozen_src), agreement(held_tgt, frozen_tgt)
+        score, _ = key = selection_key(src_agree, src_kl, tgt_agree, cfg.select_source_weight)
+        if key < (float(scores.best_score), float(scores.best_kl)):
             scores.best_score.fill_(score)
+            scores.best_kl.fill_(src_kl)
             for i, k in enumerate(scores.keep()):
                 getattr(scores, f"best_{i}").copy_(k)
-        return {"sparsity": ms.sparsity(), "heldout_source_agreement": src_agree,
+        return {"sparsity": ms.sparsity(), "heldout_source_agreement": src_agree, "heldout_source_kl": src_kl,
                 "target_agreement": tgt_agree, "selection_score": score}
 
     tcfg = inner_recipe(cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, device, scheduler=cfg.scheduler)
@@ -301,8 +314,8 @@ def _holdouts(model: nn.Module, source: TensorData, target: TensorData, cfg: Map
     held_src, source = source.take(perm[:n_hold]), source.take(perm[n_hold:]) if len(source) > n_hold else source
     held_tgt = target.take(g.permutation(len(target))[: cfg.holdout])
     with torch.no_grad():
-        frozen_src = predict_logits(model, held_src.x).argmax(1)
-        frozen_tgt = predict_logits(model, held_tgt.x).argmax(1)
+        frozen_src = predict_logits(model, held_src.x).float()
+        frozen_tgt = predict_logits(model, held_tgt.x).float()
     return source, held_src, held_tgt, frozen_src, frozen_tgt
 
 
