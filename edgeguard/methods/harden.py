@@ -10,10 +10,12 @@ Meta-learning in the SOPHON / TAR family. Each outer step:
    or re-estimated on the attacker's subset;
 2. runs each for `inner_steps` steps, BN in train mode as an attacker runs it, and every `suppress_every`
    steps and at the end scores a bounded suppression loss (KL of uniform to the prediction: 0 at chance) on a
-   held-out target batch, late steps weighted more (an attacker reads the last epoch). Each attack runs
-   through the evaluation's own fine-tuning loop with the first-order meta-gradient (d θ_T / d θ_0 ≈ I): the
-   exact one, through the unrolled few-shot attacks (`finetune.unrolled`), cost 2.3× the time and did no
-   better at equal wall time over 3 seeds (RESULTS, "Hardening v2"). Head gradients only where the attack kept the head; each attack's
+   held-out target batch, late steps weighted more (an attacker reads the last epoch). Attacks on at most
+   `exact_images` images (where the AUC is decided) are unrolled differentiably (`finetune.unrolled`: full
+   batches as the evaluation runs them, the head re-initialisation and regrowth inside the graph) and the
+   meta-gradient is exact (d θ_T / d θ_0 taken; the adaptive optimizers' √v normaliser held constant in the
+   backward pass); larger ones run through the evaluation's own fine-tuning loop with the first-order
+   meta-gradient (d θ_T / d θ_0 ≈ I). Head gradients only where the attack kept the head; each attack's
    gradient scaled to unit norm (a kept head's is 10-30× a re-initialised one's and would decide alone), their
    mean clipped to `meta_clip`;
 3. adds the source terms on a source batch (CE + distillation at `kd_temperature` to the frozen input model);
@@ -37,16 +39,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from ..bn_stats import reestimate_bn
 from ..config import param
 from ..devices import autocast, cpu_bf16
 from ..errors import EdgeguardError
 from ..finetune import ATTACK_SPACE, AttackRecipe, StackRun, attack_start, bn_move, train_run
+from ..finetune.unrolled import unrolled_run
 from ..masks import MaskSet, prunable_names
 from ..models.registry import input_of
 from ..progress import progress
-from ..training import TensorData, TrainConfig, augment, evaluate, normalize
+from ..training import TensorData, TrainConfig, augment, evaluate, normalize, recipe_input
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 
 TARGET_SEED_OFFSET = 1  # as NTP: the target fraction is drawn with seed + 1
@@ -60,6 +64,9 @@ class HardenConfig:
     suppress_every: int = param(8, "take the suppression gradient every this many inner steps (and at the end)")
     min_images: int = param(0, "smallest attacker subset a simulated attack trains on, log-uniform up to all "
                                "(0: one image per class)")
+    exact_images: int = param(64, "attacks on at most this many images differentiate through the whole unrolled "
+                                   "attack (exact meta-gradient, fp32); larger ones take the first-order one "
+                                   "(0: all first order)")
     suppress_weight: float = param(100.0, "weight of the meta-gradient against the source terms (Adam normalises "
                                           "the sum: at 1 the source terms decide, RESULTS)")
     meta_clip: float = param(0.5, "clip of the meta-gradient's global norm")
@@ -90,8 +97,8 @@ class HardenConfig:
                self.eval_every, self.proxy_steps, self.proxy_images, self.proxy_batch) < 1:
             raise EdgeguardError("outer_steps, attacks, inner_steps, suppress_every, batch_size, eval_every, "
                                  "proxy_steps, proxy_images and proxy_batch must be at least 1")
-        if self.min_images < 0:
-            raise EdgeguardError("min_images must be ≥ 0")
+        if self.min_images < 0 or self.exact_images < 0:
+            raise EdgeguardError("min_images and exact_images must be ≥ 0")
         for name in ("p_head_reinit", "p_free", "p_bn_reestimate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise EdgeguardError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -205,6 +212,63 @@ def simulate(model: nn.Module, mask: MaskSet | None, atk: AttackRecipe, images: 
     return {n: g / sum(weights) for n, g in meta.items()}, float(np.mean(losses)), accs[-1]
 
 
+def _exact_start(model: nn.Module, attacker: nn.Module, mask: MaskSet | None, atk: AttackRecipe
+                 ) -> dict[str, torch.Tensor]:
+    """The attack's starting weights as functions of the defender's live ones: a re-initialised head is the
+    attacker's own (a constant), regrown pruned weights are the attacker's noise where the mask is off."""
+    live, out = dict(model.named_parameters()), {}
+    for n, p in attacker.named_parameters():
+        if atk.head == "reinit" and n.startswith("head."):
+            out[n] = p.detach().requires_grad_(True)  # trained by the attack, no path to the defender
+        elif atk.pruned == "regrow" and mask is not None and n in mask.masks:
+            out[n] = torch.where(mask.masks[n], live[n], p.detach())
+        else:
+            out[n] = live[n]
+    return out
+
+
+def simulate_exact(model: nn.Module, mask: MaskSet | None, atk: AttackRecipe, adapt: TensorData, held: TensorData,
+                   cfg: HardenConfig, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], float, float] | None:
+    """`simulate` for a few-shot attack, differentiated through all of its unrolled steps (fp32): full batches of
+    the attacker's images where they fit its batch size (as the evaluation runs them), else drawn batches;
+    the same weighted suppression losses, their gradient exact (d θ_T / d θ_0 taken, not assumed I)."""
+    dev, spec = adapt.x.device, input_of(model)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    m, keep = attack_start(model, mask, atk, seed, dev)
+    bn_move(m, atk, adapt)
+    m.train()
+    tc = replace(_sim_config(atk, seed, cfg, dev), amp=False)
+    full = len(adapt) <= atk.batch_size
+    batches = [adapt if full else _batch(adapt, atk.batch_size, gen) for _ in range(cfg.inner_steps)]
+    inputs = [(recipe_input(b.x, gen, tc, spec), b.y) for b in batches]
+    helds = [_batch(held, cfg.batch_size, gen) for _ in range(cfg.inner_steps // cfg.suppress_every + 2)]
+    accs: list[float] = []
+    weights: list[float] = []
+
+    def probe(t: int, params: dict, buffers: dict) -> torch.Tensor | None:
+        if t == 0 or (t % cfg.suppress_every and t != cfg.inner_steps):
+            return None
+        h = helds[len(accs)]
+        out = functional_call(m, {**params, **{n: b.clone() for n, b in buffers.items()}}, (normalize(h.x, spec),))
+        accs.append(float((out.argmax(1) == h.y).float().mean()))
+        weights.append((t + cfg.suppress_every) / (cfg.inner_steps + cfg.suppress_every))  # late steps count more
+        return weights[-1] * suppression_loss(out)
+
+    start = _exact_start(model, m, mask, atk)
+    losses = unrolled_run(m, start, tc, cfg.inner_steps, lambda t: inputs[t],
+                          keep.masks if keep is not None else None, probe)
+    total = sum(losses) / sum(weights)
+    if not torch.isfinite(total):
+        return None
+    live = dict(model.named_parameters())
+    names = [n for n in live if not (atk.head == "reinit" and n.startswith("head."))]
+    grads = torch.autograd.grad(total, [live[n] for n in names], allow_unused=True)
+    meta = {n: g.detach() if g is not None else torch.zeros_like(live[n]) for n, g in zip(names, grads)}
+    if not all(torch.isfinite(g).all() for g in meta.values()):
+        return None
+    return meta, float(total.detach()), accs[-1]
+
+
 def proxy_attack(model: nn.Module, adapt: TensorData, held: TensorData, cfg: HardenConfig) -> float:
     """Held-out target accuracy after the proxy attack (longer than any the sampler draws), run as the
     evaluation runs an attack: direct-all/free, Adam."""
@@ -277,7 +341,11 @@ def _meta_gradient(model: nn.Module, mask: MaskSet | None, d: _Data, cfg: Harden
     meta: dict[str, torch.Tensor] = {}
     for _ in range(cfg.attacks):
         atk, images = sample_attack(rng, cfg, len(d.tgt), d.classes)
-        sim = simulate(model, mask, atk, images, d.tgt, d.tgt_held, cfg, gen)
+        if 0 < images <= cfg.exact_images:
+            subset = d.tgt.take(torch.randperm(len(d.tgt), generator=gen)[:images].to(d.tgt.x.device))
+            sim = simulate_exact(model, mask, atk, subset, d.tgt_held, cfg, gen)
+        else:
+            sim = simulate(model, mask, atk, images, d.tgt, d.tgt_held, cfg, gen)
         if sim is None:
             continue
         g, loss, acc = sim
