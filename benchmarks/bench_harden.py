@@ -52,7 +52,7 @@ def _changed(config: dict) -> dict:
 
 def _meta_gradient(method_config: dict) -> str:
     """How a hardened file's meta-gradient was taken: "exact ≤ N images" (files hardened while issue 31's
-    exact meta-gradients were in `harden`, 2026-12-05; removed after 3 seeds) or "first order" (all others)."""
+    exact meta-gradients are on: `exact_images` > 0) or "first order" (`exact_images=0`, and all earlier files)."""
     n = int(method_config.get("exact_images", 0))
     return f"exact ≤ {n} images" if n else "first order"
 
