@@ -307,7 +307,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
 
 def _holdouts(model: nn.Module, source: TensorData, target: TensorData, cfg: MapConfig):
     """Mask selection's held-out slices of the defender's source (or pseudo-source) and target images, with the
-    frozen model's answers on them; returns (source left to train on, held source, held target, answers)."""
+    frozen model's logits on them; returns (source left to train on, held source, held target, logits)."""
     g = np.random.default_rng(cfg.seed + HOLDOUT_SEED_OFFSET)
     n_hold = min(cfg.holdout, max(1, len(source) // 10))
     perm = g.permutation(len(source))
