@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from .errors import EdgeguardError
+from .optim_names import OPTIMIZERS
 
 
 class _Group(click.Group):
@@ -269,7 +270,7 @@ def domains(data_root) -> None:
               help="Folder for report.json, report.md, plots and the resumable run log.")
 @click.option("--unprotected", type=click.Path(dir_okay=False), default=None,
               help="The source model before protection, for its reference curve and ΔS/ΔT.")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=8e-4, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)

@@ -24,6 +24,7 @@ from runtime.fileio import atomic_path
 from .devices import autocast, resolve_device
 from .errors import EdgeguardError
 from .inputspec import InputSpec
+from .optim_names import OPTIMIZERS, SCHEDULES
 from .models.registry import input_of
 from .progress import progress
 
@@ -91,11 +92,9 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: b
                          align_corners=False)
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 # torch's defaults, named once for the engines that write the updates out (stacked, unrolled)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # Adam and AdamW (RMSprop shares the eps)
 RMS_ALPHA, ADAGRAD_EPS = 0.99, 1e-10  # RMSprop's smoothing, Adagrad's epsilon
-SCHEDULES = ("none", "cosine", "warmup-cosine")
 WARMUP = 0.1  # the warm-up share of a warmup-cosine schedule
 
 

@@ -217,7 +217,9 @@ def test_evaluate_cli_says_which_executor_it_chose(mnist_model, tmp_path, monkey
     monkeypatch.setattr(execute, "free_cores", lambda: 1)
     r = CliRunner().invoke(main, ["evaluate", str(mnist_model), "--target", "usps", "--grid", "0.02,0.05", "--epochs", "1",
                                   "--max-train", "300", "--max-test", "200", "--report", str(tmp_path / "r"),
-                                  "--device", "cpu"])
+                                  "--device", "cpu", "--optimizer", "rmsprop"])
     assert r.exit_code == 0, r.output
     assert "executor auto → local" in r.output
+    runs = [json.loads(line) for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
+    assert any("rmsprop" in json.dumps(run) for run in runs)  # every family the engine has is offered by the CLI
     assert json.loads((tmp_path / "r" / "report.json").read_text())["engine"]["chosen"].startswith("executor auto")
