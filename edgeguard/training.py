@@ -24,8 +24,8 @@ from runtime.fileio import atomic_path
 from .devices import autocast, resolve_device
 from .errors import EdgeguardError
 from .inputspec import InputSpec
-from .optim_names import OPTIMIZERS, SCHEDULES
 from .models.registry import input_of
+from .optim_names import OPTIMIZERS, SCHEDULES
 from .progress import progress
 
 log = logging.getLogger(__name__)

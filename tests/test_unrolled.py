@@ -10,7 +10,8 @@ from torch.func import functional_call
 
 from edgeguard.domains import get_domain
 from edgeguard.finetune.unrolled import diff_update, unrolled_run
-from edgeguard.training import OPTIMIZERS, TrainConfig, make_optimizer
+from edgeguard.optim_names import OPTIMIZERS
+from edgeguard.training import TrainConfig, make_optimizer
 
 
 def _tiny() -> nn.Module:

@@ -23,7 +23,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import EdgeguardError
-from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
+from ..optim_names import OPTIMIZERS, SCHEDULES
+from ..training import TrainConfig
 
 NAMED_ATTACKS = {
     "direct-all": ("all", "kept"),
