@@ -8,7 +8,6 @@ is kept, so the table can be re-made from `edgeguard evaluate --suite` runs done
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -57,35 +56,29 @@ def main() -> None:
                     f"{', '.join(s['protected_winner'])} | {best} {per[best][0]:+.2f} | {wall:.0f} |")
         print(rows[-1], flush=True)
         if suite.name != "robust":
-            share.append(_robust_share(model, cfg, rep))
+            share.append(_against_robust(model, wall, Path(a.reports)))
         under = res.get("direct_under_attack")
         if under:
             for name, curves in under["attacks"].items():
                 direct.append(f"| {Path(model).name} | {name} | {under['plain']['protected'] * 100:.1f} | "
                               + ", ".join(f"{v * 100:.1f}" for v in curves["protected"]) + " |")
     if share:
-        rows += ["", "Cost against the robust suite (run-seconds of every run in runs.jsonl against those of the robust "
-                 "grid's own runs): " + "; ".join(share)]
+        rows += ["", "Cost against the robust suite (wall time of this suite's evaluation against that of "
+                 "REPORTS/robust_<model>; both must start from an empty cache to compare): " + "; ".join(share)]
     if len(direct) > 2:
         rows += ["", "Direct use under input-space attacks (target accuracy %, the weights as shipped; n = "
                  f"{', '.join(str(n) for n in under['n'])}):", "", *direct]
     record(f"Suite {suite.name} per model, {a.target}, grid {a.grid or 'default'}, {a.seeds} seed(s)", rows)
 
 
-def _robust_share(model: str, cfg: EvalConfig, rep: Path) -> str:
-    """How much longer the suite ran than the robust suite would have: all run-seconds over the run-seconds of
-    the robust grid's own runs (the same keys the robust suite plans)."""
-    from edgeguard.artifact import load_artifact
-    from edgeguard.evaluation.plan import GridKey, grid_jobs
-
-    card = load_artifact(model).card
-    g = GridKey(cfg.target, cfg.max_train, cfg.max_test, cfg.class_map,
-                hashlib.sha256(Path(model).read_bytes()).hexdigest(), None, card.arch, card.arch_args)
-    robust = {j.key for j in grid_jobs(list(get_suite("robust").recipes), cfg.seeds, cfg.grid, g)}
-    rows = [json.loads(x) for x in (rep / "runs.jsonl").read_text().splitlines() if x.strip()]
-    total = sum(r["seconds"] for r in rows)
-    part = sum(r["seconds"] for r in rows if r["key"] in robust)
-    return f"{Path(model).name} {total:.0f} / {part:.0f} s = {total / max(part, 1e-9):.2f}×"
+def _against_robust(model: str, wall: float, reports: Path) -> str:
+    """This suite's wall time over the robust suite's on the same model (REPORTS/robust_<stem>/report.json).
+    Wall time, not summed run-seconds: a stack's runs share its time, and the pre phases run outside any run."""
+    robust = reports / f"robust_{Path(model).stem}" / "report.json"
+    if not robust.exists():
+        return f"{Path(model).name}: no robust report at {robust} to compare with"
+    base = json.loads(robust.read_text())["wall_seconds"]
+    return f"{Path(model).name} {wall:.0f} / {base:.0f} s = {wall / base:.2f}×"
 
 
 if __name__ == "__main__":

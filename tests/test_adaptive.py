@@ -129,3 +129,67 @@ def test_adaptive_attacks_in_an_evaluation(protected, tmp_path):
     assert list(under["attacks"]) == ["restyle"] and len(under["attacks"]["restyle"]["protected"]) == 2
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "Direct use under input-space attacks" in report and "twin #" in report
+
+
+def test_a_pre_phase_runs_once_per_model_and_seed_and_is_kept_on_disk(mnist_model, mnist, tmp_path, monkeypatch):
+    """SHOT at two ratios runs its phase once; a second store on the same folder (another worker, a resumed
+    evaluation) loads it without running it; the kept phase gives the same start as a run with no store; a
+    phase file cut by a crash is redone."""
+    from edgeguard.finetune import attack_run, phases
+    from edgeguard.finetune.phase_store import PhaseStore
+
+    art = load_artifact(mnist_model, CPU)
+    train, _ = mnist
+    unlabelled = TensorData(train.x[:200], torch.zeros(200, dtype=torch.long))
+    recipe = parse_attack("direct-all/free", lr=1e-3, epochs=1, pre="shot")
+    calls = []
+    real = phases.shot
+    monkeypatch.setattr(phases, "shot", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def start(store, n):
+        run = attack_run(art.model, art.mask, recipe, 0, train.take(list(range(n))), "cpu", unlabelled=unlabelled,
+                         phase_store=store)
+        return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+    store = PhaseStore(tmp_path / "phases")
+    a, b = start(store, 20), start(store, 100)
+    assert len(calls) == 1 and all(torch.equal(a[k], b[k]) for k in a)
+    c = start(PhaseStore(tmp_path / "phases"), 50)
+    assert len(calls) == 1 and all(torch.equal(a[k], c[k]) for k in a)
+    alone = start(None, 20)
+    assert len(calls) == 2 and all(torch.equal(a[k], alone[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in art.model.state_dict().items())  # the phase moved the model
+    (kept,) = (tmp_path / "phases").glob("*.safetensors")
+    kept.write_bytes(kept.read_bytes()[:100])
+    d = start(PhaseStore(tmp_path / "phases"), 20)
+    assert len(calls) == 3 and all(torch.equal(a[k], d[k]) for k in a)
+    assert json.loads(kept.with_suffix(".json").read_text())["seconds"] >= 0
+
+
+def _slow_phase(folder: str, log: str) -> None:
+    from edgeguard.finetune.phase_store import PhaseStore
+
+    def make():
+        with open(log, "a") as f:
+            f.write("made\n")
+        import time
+
+        time.sleep(1.0)
+        return {"w": torch.arange(4.0)}
+
+    PhaseStore(folder).get(("phase", 0), make)
+
+
+def test_workers_share_one_phase_through_the_lock(tmp_path):
+    """Two processes asking for the same phase at once: one computes it, the other waits and loads it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    log = tmp_path / "log"
+    procs = [ctx.Process(target=_slow_phase, args=(str(tmp_path / "phases"), str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert log.read_text().splitlines() == ["made"]

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..artifact import Artifact, load_artifact
+from ..cache import cache_dir
 from ..devices import cpu_bf16, resolve_device
 from ..domains import get_domain
 from ..errors import EdgeguardError
 from ..finetune import StackRun, attack_run, scratch_model, scratch_recipe, train_run
 from ..finetune.adapter import unwrap
+from ..finetune.phase_store import PhaseStore
 from ..finetune.stacked import train_stack
 from ..masks import MaskSet
 from ..training import TensorData, evaluate
@@ -70,7 +72,7 @@ class _Context:
     cpu_bf16: bool = False
     source_train: TensorData | None = None  # loaded when a recipe is source-aided
     data_root: str | None = None
-    phases: dict = field(default_factory=dict)  # pre phases and restyled adapters per (model, seed), across ratios
+    phases: PhaseStore = field(default_factory=lambda: PhaseStore(cache_dir("phases")))  # shared by the workers
 
     def source(self) -> TensorData:
         if self.source_train is None:
@@ -106,7 +108,7 @@ def _prepare(ctx: _Context, job: RunJob) -> StackRun:
                                                  ctx.num_classes))
     unlabelled = TensorData(ctx.train.x, torch.zeros_like(ctx.train.y))  # the labels are not the attacker's
     return attack_run(src.model, src.mask, recipe, job.seed, data, ctx.device, unlabelled=unlabelled,
-                      source=source, cpu_bf16=ctx.cpu_bf16, cache=ctx.phases)
+                      source=source, cpu_bf16=ctx.cpu_bf16, phase_store=ctx.phases)
 
 
 def _row(ctx: _Context, job: RunJob, run: StackRun, tuned, seconds: float, stack: int) -> dict:

@@ -18,6 +18,7 @@ from ..training import TensorData, TrainConfig, train_classifier
 from . import phases
 from .adapter import Adapted, adapt
 from .moves import attack_start, bn_move, fresh_copy
+from .phase_store import PhaseStore
 from .recipe import AttackRecipe
 
 PRE_SEED_OFFSET = 49979687  # the seed of a pre phase's fresh student or adapter is the run's seed + this
@@ -60,50 +61,51 @@ def train_run(run: StackRun, desc: str = "attack", *,
 
 
 def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int, dev: torch.device,
-               unlabelled: TensorData | None) -> tuple[nn.Module, MaskSet | None]:
+               unlabelled: TensorData | None, store: PhaseStore) -> tuple[nn.Module, MaskSet | None]:
     """The recipe's phase on unlabelled target images before its moves (`distil`, `shot`), on a copy."""
     if recipe.pre not in ("distil", "shot"):
         return model, mask
     if unlabelled is None or len(unlabelled) == 0:
         raise EdgeguardError(f"attack {recipe.name}: the {recipe.pre} phase needs the target's unlabelled images")
     images = unlabelled.to(dev)
+    settings = (phases.PASSES, phases.MAX_STEPS, phases.BATCH, dev.type)
     if recipe.pre == "distil":
         teacher = copy.deepcopy(model).to(dev)
-        return phases.distil(teacher, fresh_copy(teacher, seed + PRE_SEED_OFFSET), images, seed), None
+        student = fresh_copy(teacher, seed + PRE_SEED_OFFSET)
+        student.load_state_dict(store.get(("distil", phases.TEMPERATURE, *settings, model, seed, unlabelled),
+                                          lambda: phases.distil(teacher, student, images, seed).state_dict()))
+        return student, None
     m = copy.deepcopy(model).to(dev)
     for p in m.parameters():
         p.requires_grad_(True)
-    return phases.shot(m, images, seed, mask.to(dev) if mask is not None and recipe.pruned == "masked" else None), mask
+    held = mask.to(dev) if mask is not None and recipe.pruned == "masked" else None
+    m.load_state_dict(store.get(("shot", *settings, model, held, seed, unlabelled),
+                                lambda: phases.shot(m, images, seed, held).state_dict()))
+    return m, mask
 
 
 def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int, data: TensorData,
                device: str | torch.device = "auto", *, unlabelled: TensorData | None = None,
-               source: TensorData | None = None, cpu_bf16: bool = False, cache: dict | None = None) -> StackRun:
+               source: TensorData | None = None, cpu_bf16: bool = False, phase_store: PhaseStore | None = None
+               ) -> StackRun:
     """Everything a recipe does before its fine-tuning, as a run ready to train: the pre phase on the target's
     `unlabelled` images, the moves on the start, the input adapter (restyled on the `source` sample), the source
-    phase and the BatchNorm move (pre phases and restyling are reused from `cache` across ratios, as they do
-    not depend on the ratio). `model` is never modified."""
+    phase and the BatchNorm move. Pre phases and restyling do not depend on the ratio: `phase_store` keeps them
+    (an evaluation's store is shared by its workers and kept on disk). `model` is never modified."""
     dev = resolve_device(device)
-    key = (id(model), recipe.pre, seed, recipe.pruned == "masked")
-    if cache is not None and key in cache:
-        start, start_mask = cache[key]
-    else:
-        start, start_mask = _pre_phase(model, mask, recipe, seed, dev, unlabelled)
-        if cache is not None and recipe.pre in ("distil", "shot"):
-            cache[key] = (start, start_mask)
+    store = phase_store if phase_store is not None else PhaseStore()
+    start, start_mask = _pre_phase(model, mask, recipe, seed, dev, unlabelled, store)
     m, use_mask = attack_start(start, start_mask, recipe, seed, dev)
     cfg = recipe.train_config(seed, str(dev), cpu_bf16)
     if recipe.train == "input":
         m = adapt(m, seed + PRE_SEED_OFFSET)
-        style_key = (id(model), "restyle", seed, recipe.source_fraction)
-        if recipe.pre == "restyle" and cache is not None and style_key in cache:
-            m.adapter.load_state_dict(cache[style_key])
-        elif recipe.pre == "restyle":
+        if recipe.pre == "restyle":
             if unlabelled is None or source is None:
                 raise EdgeguardError(f"attack {recipe.name}: restyling needs unlabelled target and a source sample")
-            phases.restyle(m, unlabelled.to(dev), source.to(dev), seed)
-            if cache is not None:
-                cache[style_key] = copy.deepcopy(m.adapter.state_dict())
+            adapted = m
+            m.adapter.load_state_dict(store.get(
+                ("restyle", phases.PASSES, phases.MAX_STEPS, phases.BATCH, dev.type, model, seed, unlabelled, source),
+                lambda: phases.restyle(adapted, unlabelled.to(dev), source.to(dev), seed).adapter.state_dict()))
         return StackRun(m, data, cfg, None)
     head_only = recipe.train == "head"
     if recipe.source_fraction > 0:
