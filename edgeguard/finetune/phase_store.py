@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +38,7 @@ class PhaseStore:
     def __init__(self, folder: str | Path | None = None):
         self.folder = Path(folder) if folder is not None else None
         self._states: dict[str, State] = {}
-        self._digests: dict[int, tuple[object, str]] = {}  # id → (the object, kept alive so its id stays its own)
+        self._digests: dict[int, tuple[weakref.ref, str]] = {}  # id → (a weak reference: the id is still its own)
 
     def _digest(self, part) -> str:
         """A stable digest of one key part: tensors by their bytes, modules by their state, masks, data by images."""
@@ -46,7 +47,7 @@ class PhaseStore:
         if isinstance(part, TensorData):
             part = part.x
         memo = self._digests.get(id(part))
-        if memo is not None and memo[0] is part:
+        if memo is not None and memo[0]() is part:
             return memo[1]
         h = hashlib.sha256()
         if isinstance(part, torch.Tensor):
@@ -60,7 +61,7 @@ class PhaseStore:
         for name, t in items:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(_tensor_bytes(t))
-        self._digests[id(part)] = (part, h.hexdigest())
+        self._digests[id(part)] = (weakref.ref(part), h.hexdigest())
         return h.hexdigest()
 
     def key(self, parts: tuple) -> str:

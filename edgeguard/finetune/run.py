@@ -68,20 +68,25 @@ def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
     if unlabelled is None or len(unlabelled) == 0:
         raise EdgeguardError(f"attack {recipe.name}: the {recipe.pre} phase needs the target's unlabelled images")
     images = unlabelled.to(dev)
-    settings = (phases.PASSES, phases.MAX_STEPS, phases.BATCH, dev.type)
     if recipe.pre == "distil":
         teacher = copy.deepcopy(model).to(dev)
         student = fresh_copy(teacher, seed + PRE_SEED_OFFSET)
-        student.load_state_dict(store.get(("distil", phases.TEMPERATURE, *settings, model, seed, unlabelled),
+        student.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, unlabelled),
                                           lambda: phases.distil(teacher, student, images, seed).state_dict()))
         return student, None
     m = copy.deepcopy(model).to(dev)
     for p in m.parameters():
         p.requires_grad_(True)
-    held = mask.to(dev) if mask is not None and recipe.pruned == "masked" else None
-    m.load_state_dict(store.get(("shot", *settings, model, held, seed, unlabelled),
-                                lambda: phases.shot(m, images, seed, held).state_dict()))
+    held = mask if recipe.pruned == "masked" else None  # keyed by the caller's mask: its digest is remembered
+    m.load_state_dict(store.get(("shot", *_settings(dev), model, held, seed, unlabelled),
+                                lambda: phases.shot(m, images, seed, held.to(dev) if held is not None else None)
+                                .state_dict()))
     return m, mask
+
+
+def _settings(dev: torch.device) -> tuple:
+    """What every phase's result also depends on: the phase loop's constants and the device type."""
+    return phases.PASSES, phases.MAX_STEPS, phases.BATCH, dev.type
 
 
 def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int, data: TensorData,
@@ -104,7 +109,7 @@ def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
                 raise EdgeguardError(f"attack {recipe.name}: restyling needs unlabelled target and a source sample")
             adapted = m
             m.adapter.load_state_dict(store.get(
-                ("restyle", phases.PASSES, phases.MAX_STEPS, phases.BATCH, dev.type, model, seed, unlabelled, source),
+                ("restyle", *_settings(dev), model, seed, unlabelled, source),
                 lambda: phases.restyle(adapted, unlabelled.to(dev), source.to(dev), seed).adapter.state_dict()))
         return StackRun(m, data, cfg, None)
     head_only = recipe.train == "head"
