@@ -40,7 +40,8 @@ def main() -> None:
         rep = Path(a.reports) / (f"robust_{Path(model).stem}" if suite.name == "robust"
                                  else f"{suite.name}_{Path(model).stem}")
         earlier = rep / "report.json"
-        first_wall = json.loads(earlier.read_text()).get("wall_seconds") if earlier.exists() else None
+        first = _report_of(earlier, model)
+        first_wall = first.get("wall_seconds") if first else None
         cfg = EvalConfig(target=a.target, attacks=list(suite.recipes), grid=parse_grid(a.grid), seeds=a.seeds,
                          device=a.device, executor=a.executor, workers=a.workers, suite=suite.name,
                          search_trials=suite.trials)
@@ -71,13 +72,23 @@ def main() -> None:
     record(f"Suite {suite.name} per model, {a.target}, grid {a.grid or 'default'}, {a.seeds} seed(s)", rows)
 
 
+def _report_of(path: Path, model: str) -> dict | None:
+    """The report at `path` if it is this model file's: two models with one stem (runs/a/m, runs/b/m) share a
+    folder name, and one's wall time must not be quoted for the other."""
+    if not path.exists():
+        return None
+    rep = json.loads(path.read_text())
+    return rep if Path(rep.get("model", "")).resolve() == Path(model).resolve() else None
+
+
 def _against_robust(model: str, wall: float, reports: Path) -> str:
     """This suite's wall time over the robust suite's on the same model (REPORTS/robust_<stem>/report.json).
     Wall time, not summed run-seconds: a stack's runs share its time, and the pre phases run outside any run."""
     robust = reports / f"robust_{Path(model).stem}" / "report.json"
-    if not robust.exists():
-        return f"{Path(model).name}: no robust report at {robust} to compare with"
-    base = json.loads(robust.read_text())["wall_seconds"]
+    earlier = _report_of(robust, model)
+    if earlier is None:
+        return f"{Path(model).name}: no robust report of this model at {robust} to compare with"
+    base = earlier["wall_seconds"]
     return f"{Path(model).name} {wall:.0f} / {base:.0f} s = {wall / base:.2f}×"
 
 
