@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--executor", default="local")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--reports", default="runs", help="report folders go to REPORTS/robust_<model stem>")
+    ap.add_argument("--reports", default="runs", help="report folders go to REPORTS/<suite>_<model stem>")
     a = ap.parse_args()
     suite = get_suite(a.suite)
     rows = [f"| model | method | source acc. | paper SLC-AUC | robust SLC-AUC ({suite.name}, {len(suite.recipes)} "
@@ -37,8 +37,7 @@ def main() -> None:
     direct = ["| model | input attack | plain direct use | under attack, by n |", "|---|---|---|---|"]
     under, share = None, []
     for model in a.models:
-        rep = Path(a.reports) / (f"robust_{Path(model).stem}" if suite.name == "robust"
-                                 else f"{suite.name}_{Path(model).stem}")
+        rep = _report_dir(Path(a.reports), suite.name, model)
         earlier = rep / "report.json"
         first = _report_of(earlier, model)
         first_wall = first.get("wall_seconds") if first else None
@@ -72,6 +71,11 @@ def main() -> None:
     record(f"Suite {suite.name} per model, {a.target}, grid {a.grid or 'default'}, {a.seeds} seed(s)", rows)
 
 
+def _report_dir(reports: Path, suite: str, model: str) -> Path:
+    """REPORTS/<suite>_<model stem>: where a suite's evaluation of a model goes (and is resumed from)."""
+    return reports / f"{suite}_{Path(model).stem}"
+
+
 def _report_of(path: Path, model: str) -> dict | None:
     """The report at `path` if it is this model file's: two models with one stem (runs/a/m, runs/b/m) share a
     folder name, and one's wall time must not be quoted for the other."""
@@ -84,7 +88,7 @@ def _report_of(path: Path, model: str) -> dict | None:
 def _against_robust(model: str, wall: float, reports: Path) -> str:
     """This suite's wall time over the robust suite's on the same model (REPORTS/robust_<stem>/report.json).
     Wall time, not summed run-seconds: a stack's runs share its time, and the pre phases run outside any run."""
-    robust = reports / f"robust_{Path(model).stem}" / "report.json"
+    robust = _report_dir(reports, "robust", model) / "report.json"
     earlier = _report_of(robust, model)
     if earlier is None:
         return f"{Path(model).name}: no robust report of this model at {robust} to compare with"
