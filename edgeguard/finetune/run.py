@@ -67,15 +67,16 @@ def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
         return model, mask
     if unlabelled is None or len(unlabelled) == 0:
         raise EdgeguardError(f"attack {recipe.name}: the {recipe.pre} phase needs the target's unlabelled images")
-    if recipe.pre == "distil":
-        teacher = copy.deepcopy(model).to(dev)
-        student = fresh_copy(teacher, seed + PRE_SEED_OFFSET)
-        student.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, unlabelled),
-                                          lambda: phases.distil(teacher, student, unlabelled.to(dev), seed).state_dict()))
-        return student, None
-    m = copy.deepcopy(model).to(dev)
+    m = copy.deepcopy(model).to(dev)  # the student's or SHOT's copy; a store hit only loads its weights
     for p in m.parameters():
         p.requires_grad_(True)
+    if recipe.pre == "distil":
+        def distil() -> dict:  # the teacher and the fresh student are made only when the phase runs
+            return phases.distil(copy.deepcopy(model).to(dev), fresh_copy(m, seed + PRE_SEED_OFFSET), unlabelled.to(dev),
+                                 seed).state_dict()
+
+        m.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, unlabelled), distil))
+        return m, None
     held = mask if recipe.pruned == "masked" else None  # keyed by the caller's mask: its digest is remembered
     m.load_state_dict(store.get(("shot", *_settings(dev), model, held, seed, unlabelled),
                                 lambda: phases.shot(m, unlabelled.to(dev), seed, held.to(dev) if held is not None else None)
