@@ -193,3 +193,29 @@ def test_workers_share_one_phase_through_the_lock(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert log.read_text().splitlines() == ["made"]
+
+
+def test_starting_over_on_the_source_sample_reads_nothing_of_the_file(mnist_model, protected, mnist, data_root):
+    """`restart-source` begins from the scratch model and trains on the source sample first: the start it hands
+    to the target run is the same for two different files (and so is its key) and has learnt the source,
+    where a plain restart is the scratch run itself."""
+    from edgeguard.evaluation.execute import _Context, _prepare
+    from edgeguard.evaluation.plan import GridKey, RunJob, job_key
+
+    usps = get_domain("usps", data_root)
+    train = TensorData.from_numpy(usps.train_x[:200], usps.train_y[:200])
+    recipe = parse_attack("direct-all/free", lr=1e-3, epochs=6, batch_size=64, reinit=1.0, source_fraction=0.01,
+                          label="restart-source")
+    assert not recipe.restarts and parse_attack("direct-all/free", reinit=1.0).restarts
+    starts = []
+    for path in (mnist_model, protected):
+        ctx = _Context(load_artifact(path), None, train, train, 10, "cpu", data_root=str(data_root))
+        starts.append(_prepare(ctx, RunJob("protected", recipe, 0, 0.1, "k")).model)
+    a, b = (dict(s.state_dict()) for s in starts)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    _, test = mnist
+    assert evaluate(starts[0], test) > 0.6  # the scratch start alone sits near chance (0.1)
+    g = {"target": "usps", "max_train": None, "max_test": None, "class_map": None, "arch": "small_cnn", "arch_args": {},
+         "ref_sha": None}
+    k1, k2 = (job_key("protected", recipe, 0, 0.1, GridKey(model_sha=sha, **g)) for sha in ("a" * 64, "b" * 64))
+    assert k1 == k2 != job_key("scratch", recipe, 0, 0.1, GridKey(model_sha="a" * 64, **g))

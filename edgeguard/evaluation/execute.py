@@ -89,7 +89,8 @@ class _Context:
 def _prepare(ctx: _Context, job: RunJob) -> StackRun:
     """The job's start model, subset, recipe and mask, exactly as a run on its own would use them. Pre phases
     (on the target's training images, never its test set), the source phase and the BN move happen here. A
-    full re-initialisation is the scratch start itself: the same run, by construction (plan.py shares its key)."""
+    full re-initialisation is the scratch start itself: the same run, by construction (plan.py shares its key);
+    with a source sample, that scratch start trains on the sample first."""
     import torch
 
     idx, _ = split_indices(ctx.train.y.cpu().numpy(), job, ctx.num_classes)
@@ -97,17 +98,20 @@ def _prepare(ctx: _Context, job: RunJob) -> StackRun:
     recipe = job.recipe
     if job.kind == "scratch" or recipe.reinit >= 1:
         card = ctx.art.card
-        recipe = scratch_recipe(recipe)
         model = scratch_model(card.arch, card.num_classes, job.seed, card.arch_args).to(torch.device(ctx.device))
-        return StackRun(model, data, recipe.train_config(job.seed, ctx.device, ctx.cpu_bf16))
-    src = ctx.art if job.kind == "protected" else ctx.ref
+        if job.kind == "scratch" or recipe.restarts:
+            return StackRun(model, data, scratch_recipe(recipe).train_config(job.seed, ctx.device, ctx.cpu_bf16))
+        start, mask, recipe = model, None, replace(recipe, reinit=0.0)  # starting over on the source sample first
+    else:
+        src = ctx.art if job.kind == "protected" else ctx.ref
+        start, mask = src.model, src.mask
     source = None
     if recipe.source_fraction > 0:
         src_data = ctx.source()
         source = src_data.take(stratified_subset(src_data.y.cpu().numpy(), recipe.source_fraction, job.seed,
                                                  ctx.num_classes))
     unlabelled = TensorData(ctx.train.x, torch.zeros_like(ctx.train.y))  # the labels are not the attacker's
-    return attack_run(src.model, src.mask, recipe, job.seed, data, ctx.device, unlabelled=unlabelled,
+    return attack_run(start, mask, recipe, job.seed, data, ctx.device, unlabelled=unlabelled,
                       source=source, cpu_bf16=ctx.cpu_bf16, phase_store=ctx.phases)
 
 
@@ -123,7 +127,7 @@ def _row(ctx: _Context, job: RunJob, run: StackRun, tuned, seconds: float, stack
     if job.split == "trial":
         point["split"] = "trial"
     src = ctx.art if job.kind == "protected" else ctx.ref if job.kind == "unprotected" else None
-    if src is not None and src.mask is not None:
+    if src is not None and src.mask is not None and job.recipe.reinit < 1:  # a fresh start holds no mask
         bad = MaskSet(src.mask.masks).violations(dict(unwrap(tuned).named_parameters()))
         point["regrown_weights"] = int(sum(max(v, 0) for v in bad.values()))
     return {"key": job.key, "kind": job.kind, "attack": job.recipe.name if job.kind != "scratch" else "scratch",

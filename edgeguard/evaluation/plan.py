@@ -59,8 +59,9 @@ def recipe_for_scratch(r: AttackRecipe) -> dict:
 
 def job_key(kind: str, recipe: AttackRecipe, seed: int, ratio: float, g: GridKey, split: str = "full") -> str:
     """The run's name. A full re-initialisation starts from the scratch model whatever the file, so its run is
-    the scratch run of the same recipe (one key, trained once): an attacker can always start over."""
-    if recipe.reinit >= 1:
+    the scratch run of the same recipe (one key, trained once): an attacker can always start over. Starting over
+    on the source sample first does not read the file either: one key for every model of the architecture."""
+    if recipe.restarts:
         kind = "scratch"
     data_key = {"domain": g.target, "max_train": g.max_train, "max_test": g.max_test}
     if g.class_map:  # other labels, other runs
@@ -69,6 +70,9 @@ def job_key(kind: str, recipe: AttackRecipe, seed: int, ratio: float, g: GridKey
     if kind == "scratch":
         return _key({"arch": g.arch, "arch_args": g.arch_args, "r": recipe_for_scratch(recipe), "s": seed,
                      "ratio": ratio, **data_key, **extra})
+    if recipe.reinit >= 1:
+        return _key({"arch": g.arch, "arch_args": g.arch_args, "r": recipe.key(), "s": seed, "ratio": ratio,
+                     **data_key, **extra})
     return _key({"m": g.model_sha if kind == "protected" else g.ref_sha, "r": recipe.key(), "s": seed,
                  "ratio": ratio, **data_key, **extra})
 

@@ -3,7 +3,8 @@
 A suite is a list of `AttackRecipe`s, each one line in a suite file and one name in the report, plus an
 optional random search (`trials`). `paper` keeps the papers' numbers comparable; `standard` adds the pruned-
 weight and head variants; `robust` adds optimizers and schedules the protection never saw, the BN, regrowth
-and source-aided attackers; `adaptive` adds re-initialisation (full and partial), shrink-and-perturb,
+and source-aided attackers; `adaptive` adds re-initialisation (full and partial; starting over on the
+source-aided attacker's sample, which reads nothing of the file), shrink-and-perturb,
 distil-then-fine-tune, SHOT adaptation and the input-space attacks (reprogramming, restyling); `search` is
 a random search over the recipe space, each trial chosen on a validation split of the attacker's own subset. A user's suite is a TOML or JSON file:
 
@@ -71,6 +72,7 @@ _ROBUST = _STANDARD + (
 )
 _ADAPTIVE = _ROBUST + (
     _r("direct-all/free", "reinit-full", lr=1e-3, reinit=1.0, **_WC),
+    _r("direct-all/free", "restart-source", lr=1e-3, reinit=1.0, source_fraction=0.01, **_WC),
     _r("direct-all/free", "reinit-top-half", lr=1e-3, reinit=0.5, **_WC),
     _r("direct-all/free", "reinit-top-quarter", lr=1e-3, reinit=0.25, **_WC),
     _r("direct-all/free", "shrink-perturb", lr=1e-3, shrink=0.4, perturb=0.1, **_WC),
@@ -85,7 +87,8 @@ SUITES = {s.name: s for s in (
     Suite("standard", "paper + pruned weights free, a re-initialised head, head-only fine-tuning", _STANDARD),
     Suite("robust", "standard + SGD/Adam/AdamW with warm-up + cosine at several lr, 60-epoch runs, and the BN, "
                     "regrowth and source-aided attackers", _ROBUST),
-    Suite("adaptive", "robust + the adaptive attacker: full and partial re-initialisation, shrink-and-perturb, "
+    Suite("adaptive", "robust + the adaptive attacker: full and partial re-initialisation, starting over on the "
+                      "source sample, shrink-and-perturb, "
                       "distil-then-fine-tune, SHOT adaptation, input reprogramming and restyling", _ADAPTIVE),
     Suite("search", "random search over optimizer, lr, epochs, batch, schedule, head, BN reset, partial "
                     "re-initialisation, shrink-and-perturb and pre phases; each trial "

@@ -86,7 +86,7 @@ def envelope(entries: list[Curves], cfg: EvalConfig) -> Envelope | None:
     curve is then one of the attacker's curves too, so the robust SLC-AUC is ≥ 0 by construction."""
     if len(entries) < 2:
         return None
-    restart = any(e.recipe.get("reinit", 0) >= 1 for e in entries)
+    restart = any(e.recipe.get("reinit", 0) >= 1 and not e.recipe.get("source_fraction", 0) for e in entries)
     envs, winners = {}, {}
     for kind in ("protected", "scratch", "unprotected"):
         if all(e.curve(kind) is not None for e in entries):

@@ -9,7 +9,8 @@ cannot stay dead). Beyond the optimizer and its schedule, two attacker moves hap
 fine-tunes on a small source sample (TAR's switch attacker, TransNTL's repair).
 
 The adaptive attacker (issue 30) adds moves on the start: `reinit` re-initialises the top share of the
-layers (1.0: everything, which is training from scratch), `shrink`/`perturb` is shrink-and-perturb
+layers (1.0: everything, which is training from scratch; with `source_fraction` it is starting over on the
+source sample first, the floor no protection can push a source-aided attacker under), `shrink`/`perturb` is shrink-and-perturb
 (θ ← shrink·θ + perturb·θ_fresh), and `pre` runs a phase on the target's unlabelled images first (`distil`: a
 fresh student distilled from the model; `shot`: SHOT's information maximisation). `reprogram` leaves the
 weights alone and trains an input adapter through the frozen model; with `pre="restyle"` the adapter first
@@ -85,6 +86,11 @@ class AttackRecipe:
         if self.pre == "restyle" and not 0 < self.source_fraction <= 1:
             raise EdgeguardError("pre = restyle learns from a few source images: give source_fraction > 0")
         self.train_config(0, "cpu").validate()
+
+    @property
+    def restarts(self) -> bool:
+        """Training from scratch itself: everything re-initialised and nothing learnt before the target run."""
+        return self.reinit >= 1 and not self.source_fraction
 
     @property
     def base_name(self) -> str:
