@@ -97,7 +97,7 @@ def test_adaptive_suite_holds_every_new_attack():
     robust = SUITES["robust"].recipes
     assert adaptive[: len(robust)] == robust
     new = adaptive[len(robust):]
-    assert {r.pre for r in new} == {"none", "distil", "shot", "restyle"}
+    assert {r.pre for r in new} == {"none", "distil", "distil-source", "shot", "restyle"}
     assert any(r.reinit == 1 for r in new) and any(0 < r.reinit < 1 for r in new)
     assert any(r.shrink < 1 and r.perturb > 0 for r in new) and any(r.train == "input" for r in new)
     assert len({json.dumps(r.key(), sort_keys=True) for r in adaptive}) == len(adaptive)
@@ -219,3 +219,27 @@ def test_starting_over_on_the_source_sample_reads_nothing_of_the_file(mnist_mode
          "ref_sha": None}
     k1, k2 = (job_key("protected", recipe, 0, 0.1, GridKey(model_sha=sha, **g)) for sha in ("a" * 64, "b" * 64))
     assert k1 == k2 != job_key("scratch", recipe, 0, 0.1, GridKey(model_sha="a" * 64, **g))
+
+
+def test_distil_source_copies_the_source_function_without_reading_labels(mnist_model, mnist, data_root):
+    """`distil-source` distils a fresh student on the source sample's images: it classifies the source (real
+    MNIST test images) near its teacher, reads none of the sample's labels (scrambled labels, same student)
+    and skips the labelled source phase; without a source sample it says what to give."""
+    from edgeguard.finetune import attack_run
+
+    _, test = mnist
+    d = get_domain("mnist", data_root)
+    train = TensorData.from_numpy(d.train_x[-4000:], d.train_y[-4000:])  # 313 distillation steps
+    usps = get_domain("usps", data_root)
+    target = TensorData.from_numpy(usps.train_x[:100], usps.train_y[:100])
+    recipe = parse_attack("direct-all/free", lr=1e-3, epochs=1, pre="distil-source", source_fraction=0.1)
+    teacher = load_artifact(mnist_model).model
+    scrambled = TensorData(train.x, train.y[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))])
+    runs = [attack_run(teacher, None, recipe, 0, target, "cpu", unlabelled=target, source=s) for s in (train, scrambled)]
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert evaluate(runs[0].model, test) > evaluate(teacher, test) - 0.15 > 0.7
+    with pytest.raises(EdgeguardError, match="source_fraction > 0"):
+        parse_attack("direct-all/free", pre="distil-source")
+    with pytest.raises(EdgeguardError, match="source sample"):
+        attack_run(teacher, None, recipe, 0, target, "cpu", unlabelled=target)

@@ -5,7 +5,8 @@ optional random search (`trials`). `paper` keeps the papers' numbers comparable;
 weight and head variants; `robust` adds optimizers and schedules the protection never saw, the BN, regrowth
 and source-aided attackers; `adaptive` adds re-initialisation (full and partial; starting over on the
 source-aided attacker's sample, which reads nothing of the file), shrink-and-perturb,
-distil-then-fine-tune, SHOT adaptation and the input-space attacks (reprogramming, restyling); `search` is
+distil-then-fine-tune (on unlabelled target images, or on 10 % of the source set's images without their
+labels: frames of the authorised scene), SHOT adaptation and the input-space attacks (reprogramming, restyling); `search` is
 a random search over the recipe space, each trial chosen on a validation split of the attacker's own subset. A user's suite is a TOML or JSON file:
 
     [[recipe]]                       # or {"recipes": [{...}, ...]} in JSON
@@ -77,6 +78,7 @@ _ADAPTIVE = _ROBUST + (
     _r("direct-all/free", "reinit-top-quarter", lr=1e-3, reinit=0.25, **_WC),
     _r("direct-all/free", "shrink-perturb", lr=1e-3, shrink=0.4, perturb=0.1, **_WC),
     _r("direct-all/free", "distil", lr=1e-3, pre="distil", **_WC),
+    _r("direct-all/free", "distil-source", lr=1e-3, pre="distil-source", source_fraction=0.1, **_WC),
     _r("direct-all/free", "shot", lr=1e-3, pre="shot", **_WC),
     _r("reprogram", "reprogram", lr=5e-2),
     _r("reprogram", "restyle", lr=5e-2, pre="restyle", source_fraction=0.01),
@@ -89,7 +91,8 @@ SUITES = {s.name: s for s in (
                     "regrowth and source-aided attackers", _ROBUST),
     Suite("adaptive", "robust + the adaptive attacker: full and partial re-initialisation, starting over on the "
                       "source sample, shrink-and-perturb, "
-                      "distil-then-fine-tune, SHOT adaptation, input reprogramming and restyling", _ADAPTIVE),
+                      "distil-then-fine-tune (on target or source frames), SHOT adaptation, input reprogramming "
+                      "and restyling", _ADAPTIVE),
     Suite("search", "random search over optimizer, lr, epochs, batch, schedule, head, BN reset, partial "
                     "re-initialisation, shrink-and-perturb and pre phases; each trial "
                     "chosen on a validation split of the attacker's subset", (), trials=20),

@@ -12,7 +12,9 @@ The adaptive attacker (issue 30) adds moves on the start: `reinit` re-initialise
 layers (1.0: everything, which is training from scratch; with `source_fraction` it is starting over on the
 source sample first, the floor no protection can push a source-aided attacker under), `shrink`/`perturb` is shrink-and-perturb
 (θ ← shrink·θ + perturb·θ_fresh), and `pre` runs a phase on the target's unlabelled images first (`distil`: a
-fresh student distilled from the model; `shot`: SHOT's information maximisation). `reprogram` leaves the
+fresh student distilled from the model; `shot`: SHOT's information maximisation) or, `distil-source`, distils
+the student on the source sample's images without their labels (a camera buyer films the authorised scene:
+the student copies the source function and drops every trap in the weights). `reprogram` leaves the
 weights alone and trains an input adapter through the frozen model; with `pre="restyle"` the adapter first
 learns, from a few source images (`source_fraction`) and unlabelled target images, to make target inputs look
 authorised (JailNTL's disguise).
@@ -36,7 +38,7 @@ NAMED_ATTACKS = {
 }
 CHOICES = {"train": ("all", "head", "input"), "head": ("kept", "reinit"), "pruned": ("masked", "free", "regrow"),
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "bn": ("kept", "reestimate"),
-           "pre": ("none", "distil", "shot", "restyle")}
+           "pre": ("none", "distil", "distil-source", "shot", "restyle")}
 
 # Fields added after runs.jsonl keys existed: left out of a key at their default, so old keys still match.
 _KEY_DEFAULTS = {"augment_shift": 0, "schedule": "none", "bn": "kept", "source_fraction": 0.0, "reinit": 0.0,
@@ -58,11 +60,11 @@ class AttackRecipe:
     augment_shift: int = 0  # random translation (pixels) of the attacker's batches; NTP's recipe has none
     schedule: str = "none"  # none | cosine | warmup-cosine
     bn: str = "kept"  # kept | reestimate (BatchNorm statistics from the attacker's subset before fine-tuning)
-    source_fraction: float = 0.0  # > 0: first fine-tune on this fraction of the source training set
+    source_fraction: float = 0.0  # > 0: first fine-tune on this fraction of the source set (restyle, distil-source: its images only)
     reinit: float = 0.0  # share of the layers, from the top, re-initialised (1.0: the scratch start)
     shrink: float = 1.0  # shrink-and-perturb: θ ← shrink·θ + perturb·θ_fresh before fine-tuning
     perturb: float = 0.0
-    pre: str = "none"  # none | distil | shot | restyle: a phase on the target's unlabelled images first
+    pre: str = "none"  # none | distil | distil-source | shot | restyle: a phase before fine-tuning
     label: str = field(default="", compare=False)  # the name a suite gives it (not part of the key)
 
     def validate(self) -> None:
@@ -83,8 +85,8 @@ class AttackRecipe:
             raise EdgeguardError("a reprogramming attack leaves the weights alone: no reinit, shrink, perturb or bn")
         if self.pre == "restyle" and self.train != "input":
             raise EdgeguardError("pre = restyle trains an input adapter: use it with the reprogram attack")
-        if self.pre == "restyle" and not 0 < self.source_fraction <= 1:
-            raise EdgeguardError("pre = restyle learns from a few source images: give source_fraction > 0")
+        if self.pre in ("restyle", "distil-source") and not 0 < self.source_fraction <= 1:
+            raise EdgeguardError(f"pre = {self.pre} learns from source images: give source_fraction > 0")
         self.train_config(0, "cpu").validate()
 
     @property

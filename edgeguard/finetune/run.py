@@ -61,21 +61,29 @@ def train_run(run: StackRun, desc: str = "attack", *,
 
 
 def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, seed: int, dev: torch.device,
-               unlabelled: TensorData | None, store: PhaseStore) -> tuple[nn.Module, MaskSet | None]:
-    """The recipe's phase on unlabelled target images before its moves (`distil`, `shot`), on a copy."""
-    if recipe.pre not in ("distil", "shot"):
+               unlabelled: TensorData | None, store: PhaseStore, source: TensorData | None = None
+               ) -> tuple[nn.Module, MaskSet | None]:
+    """The recipe's phase before its moves, on a copy: `distil` and `shot` on unlabelled target images,
+    `distil-source` on the source sample's images (its labels are never read: frames of the authorised scene)."""
+    if recipe.pre not in ("distil", "distil-source", "shot"):
         return model, mask
+    if recipe.pre == "distil-source":
+        if source is None or len(source) == 0:
+            raise EdgeguardError(f"attack {recipe.name}: distil-source needs the source sample (source_fraction > 0)")
+        unlabelled = TensorData(source.x, torch.zeros_like(source.y))
     if unlabelled is None or len(unlabelled) == 0:
         raise EdgeguardError(f"attack {recipe.name}: the {recipe.pre} phase needs the target's unlabelled images")
     m = copy.deepcopy(model).to(dev)  # the student's or SHOT's copy; a store hit only loads its weights
     for p in m.parameters():
         p.requires_grad_(True)
-    if recipe.pre == "distil":
+    if recipe.pre in ("distil", "distil-source"):
+        images = unlabelled
+
         def distil() -> dict:  # the teacher and the fresh student are made only when the phase runs
-            return phases.distil(copy.deepcopy(model).to(dev), fresh_copy(m, seed + PRE_SEED_OFFSET), unlabelled.to(dev),
+            return phases.distil(copy.deepcopy(model).to(dev), fresh_copy(m, seed + PRE_SEED_OFFSET), images.to(dev),
                                  seed).state_dict()
 
-        m.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, unlabelled), distil))
+        m.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, images), distil))
         return m, None
     held = mask if recipe.pruned == "masked" else None  # keyed by the caller's mask: its digest is remembered
     m.load_state_dict(store.get(("shot", *_settings(dev), model, held, seed, unlabelled),
@@ -99,7 +107,7 @@ def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
     (an evaluation's store is shared by its workers and kept on disk). `model` is never modified."""
     dev = resolve_device(device)
     store = phase_store if phase_store is not None else PhaseStore()
-    start, start_mask = _pre_phase(model, mask, recipe, seed, dev, unlabelled, store)
+    start, start_mask = _pre_phase(model, mask, recipe, seed, dev, unlabelled, store, source)
     m, use_mask = attack_start(start, start_mask, recipe, seed, dev)
     cfg = recipe.train_config(seed, str(dev), cpu_bf16)
     if recipe.train == "input":
@@ -113,7 +121,7 @@ def attack_run(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
                 lambda: phases.restyle(adapted, unlabelled.to(dev), source.to(dev), seed).adapter.state_dict()))
         return StackRun(m, data, cfg, None)
     head_only = recipe.train == "head"
-    if recipe.source_fraction > 0:
+    if recipe.source_fraction > 0 and recipe.pre != "distil-source":  # distil-source read only the images
         if source is None:
             raise EdgeguardError(f"attack {recipe.name}: the source phase needs the source sample")
         m = train_run(StackRun(m, source, cfg, use_mask, head_only), "attack source phase")
