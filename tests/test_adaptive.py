@@ -9,6 +9,7 @@ import torch
 from edgeguard.artifact import load_artifact
 from edgeguard.domains import get_domain
 from edgeguard.errors import EdgeguardError
+from edgeguard.evaluation.result import EvalResult
 from edgeguard.evaluation.runner import EvalConfig, evaluate_model
 from edgeguard.evaluation.suites import SUITES
 from edgeguard.finetune import AttackRecipe, attack_start, fine_tune, parse_attack
@@ -110,6 +111,8 @@ def test_adaptive_attacks_in_an_evaluation(protected, tmp_path):
     twins = [parse_attack("direct-all/free", lr=1e-3, epochs=1, label="twin"),
              parse_attack("direct-all/free", lr=3e-3, epochs=1, label="twin")]
     extra = [parse_attack("direct-all/free", lr=1e-3, epochs=2, reinit=1.0, label="restart"),
+             parse_attack("direct-all/free", lr=1e-3, epochs=2, reinit=1.0, source_fraction=0.005,
+                          label="restart-source"),
              parse_attack("direct-all/free", lr=1e-3, epochs=2, pre="distil", label="distil"),
              parse_attack("direct-all/masked", lr=1e-3, epochs=2, pre="shot", label="shot"),
              parse_attack("reprogram", lr=1e-2, epochs=2, pre="restyle", source_fraction=0.005, label="restyle")]
@@ -117,7 +120,7 @@ def test_adaptive_attacks_in_an_evaluation(protected, tmp_path):
                      attacks=twins + extra, executor="local")
     res = evaluate_model(protected, cfg, tmp_path / "rep")
     names = [c.attack for c in res.attacks]
-    assert len(names) == 6 and len(set(names)) == 6 and sum(n.startswith("twin #") for n in names) == 2
+    assert len(names) == 7 and len(set(names)) == 7 and sum(n.startswith("twin #") for n in names) == 2
     by = {c.attack: c for c in res.attacks}
     assert by["restart"].protected == by["restart"].scratch
     assert res.suite.robust_slc_auc[0] >= 0
@@ -129,6 +132,11 @@ def test_adaptive_attacks_in_an_evaluation(protected, tmp_path):
     assert list(under["attacks"]) == ["restyle"] and len(under["attacks"]["restyle"]["protected"]) == 2
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "Direct use under input-space attacks" in report and "twin #" in report
+    floor = res.suite.floor_slc_auc  # starting over on the source sample: under the robust value by construction
+    assert floor is not None and res.suite.robust_slc_auc[0] >= floor[0] and "floor" in report
+    assert res.suite.floor_curve == by["restart-source"].protected
+    again = EvalResult.from_dict(json.loads((tmp_path / "rep" / "report.json").read_text()))
+    assert again.suite.floor_slc_auc == floor
 
 
 def test_a_pre_phase_runs_once_per_model_and_seed_and_is_kept_on_disk(mnist_model, mnist, tmp_path, monkeypatch):

@@ -88,6 +88,9 @@ def plot_suite(results: EvalResult, title: str, path: Path) -> None:
     if "unprotected" in suite.envelopes:
         ax.plot(n, np.asarray(suite.envelopes["unprotected"]).mean(0) * 100, color="#1f77b4", lw=2.5,
                 label="unprotected: best recipe per ratio")
+    if suite.floor_curve is not None:
+        ax.plot(n, np.asarray(suite.floor_curve).mean(0) * 100, color="#9467bd", lw=2, ls=":", marker="^",
+                ms=4, label="floor: starting over on the source sample (no file)")
     m, sd = suite.robust_slc_auc
     _finish(fig, ax, f"{title}\nsuite {suite.name} ({len(entries)} recipes, thin lines): robust SLC-AUC "
                      f"{m:+.2f} ± {sd:.2f}", path, 7)
@@ -98,8 +101,12 @@ def verdict(results: EvalResult) -> str:
     suite = results.suite
     if suite:
         m, sd = suite.robust_slc_auc
-        return (f"robust SLC-AUC {m:+.3f} ± {sd:.3f} over {len(suite.recipes)} recipes of suite "
+        line = (f"robust SLC-AUC {m:+.3f} ± {sd:.3f} over {len(suite.recipes)} recipes of suite "
                 f"{suite.name} ({'worse' if m < 0 else 'better'} than scratch at its best)")
+        if suite.floor_slc_auc is not None:
+            line += (f"; floor {suite.floor_slc_auc[0]:+.3f} (the attacker's best without the file, from the "
+                     f"suite's source sample: no protection scores under it)")
+        return line
     e = results.attacks[0]
     return f"SLC-AUC {e.slc_auc[0]:+.3f} ± {e.slc_auc[1]:.3f} ({e.attack})"
 
@@ -179,4 +186,7 @@ def _suite_lines(r: EvalResult) -> list[str]:
             mean = np.asarray(suite.envelopes[kind]).mean(0) * 100
             lines.append(f"| {kind} envelope (%) | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
             lines.append(f"| {kind} winner | " + " | ".join(suite.winners[kind]) + " |")
+    if suite.floor_curve is not None:
+        mean = np.asarray(suite.floor_curve).mean(0) * 100
+        lines.append("| floor: no file, source sample (%) | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
     return lines

@@ -46,6 +46,10 @@ class Envelope:
     robust_slc_auc_normalised: MeanStd
     per_recipe_slc_auc: dict[str, MeanStd]
     unprotected_robust_slc_auc: MeanStd | None = None
+    # the best the attacker reaches without the file (its recipes that start over on the source sample), as
+    # a robust SLC-AUC: no protection can score under it against this suite; None when no such recipe ran
+    floor_slc_auc: MeanStd | None = None
+    floor_curve: list[list[float]] | None = None
 
 
 @dataclass

@@ -106,6 +106,11 @@ def envelope(entries: list[Curves], cfg: EvalConfig) -> Envelope | None:
     if "unprotected" in envs:
         out.unprotected_robust_slc_auc = mean_std(slc_auc(cfg.grid, u, q)["slc_auc"]
                                                   for u, q in zip(envs["unprotected"], envs["scratch"]))
+    fresh = [e.protected for e in entries if e.recipe.get("reinit", 0) >= 1 and e.recipe.get("source_fraction", 0)]
+    if fresh:  # starting over on the source sample reads nothing of the file: the floor of this suite
+        out.floor_curve = np.asarray(fresh, dtype=float).max(0).tolist()
+        out.floor_slc_auc = mean_std(slc_auc(cfg.grid, f, q)["slc_auc"]
+                                     for f, q in zip(out.floor_curve, envs["scratch"]))
     return out
 
 
