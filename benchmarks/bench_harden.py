@@ -63,7 +63,7 @@ def _series(r: dict) -> str:
     return name if float(r["weight"]) == 0 else f"{name} + harden ({r.get('meta_gradient') or 'first order'})"
 
 
-def plot() -> Path:
+def plot(floor: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +81,8 @@ def plot() -> Path:
     refs = {float(r["source_model_acc"]) for r in rows if r["source_model_acc"]}
     if refs:  # the source bar: at most 1 point below the dense source model (the best of them, if retrained)
         ax.axhline(max(refs) * 100 - 1, color="red", lw=0.8, ls=":", label="source bar (drop 1.0)")
+    if floor is not None:  # bench_floor.py: what the source-aided attacker's sample is worth without the file
+        ax.axvline(floor, color="#9467bd", lw=1, ls="-.", label=f"floor: no file, 1 % source ({floor:+.2f})")
     ax.set_xlabel("robust SLC-AUC (robust suite; < 0: worse than scratch)")
     ax.set_ylabel("source accuracy, eval mode, shipped file (%)")
     ax.set_title("Hardening frontier (w: suppression weight; w=0: the input)")
@@ -103,6 +105,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reports", default=str(HERE.parent / "runs"))
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--floor", type=float, default=None,
+                    help="with --plot: the floor measured by bench_floor.py (restart-source), drawn as a line")
     ap.add_argument("--suite", default="robust", help="the suite that judges each file")
     ap.add_argument("--csv", default=str(CSV), help="the frontier table to update")
     ap.add_argument("--tag", default="", help="suffix of the hardened files' names (several settings per weight)")
@@ -144,7 +148,7 @@ def main() -> None:
             wr.writerows(keep + new)
         record(f"Hardening, {a.target}, grid {a.grid or 'default'}, 1 seed", table)
     if a.plot:
-        print(plot())
+        print(plot(a.floor))
 
 
 if __name__ == "__main__":
