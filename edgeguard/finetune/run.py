@@ -77,13 +77,11 @@ def _pre_phase(model: nn.Module, mask: MaskSet | None, recipe: AttackRecipe, see
     for p in m.parameters():
         p.requires_grad_(True)
     if recipe.pre in ("distil", "distil-source"):
-        images = unlabelled
-
         def distil() -> dict:  # the teacher and the fresh student are made only when the phase runs
-            return phases.distil(copy.deepcopy(model).to(dev), fresh_copy(m, seed + PRE_SEED_OFFSET), images.to(dev),
+            return phases.distil(copy.deepcopy(model).to(dev), fresh_copy(m, seed + PRE_SEED_OFFSET), unlabelled.to(dev),
                                  seed).state_dict()
 
-        m.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, images), distil))
+        m.load_state_dict(store.get(("distil", phases.TEMPERATURE, *_settings(dev), model, seed, unlabelled), distil))
         return m, None
     held = mask if recipe.pruned == "masked" else None  # keyed by the caller's mask: its digest is remembered
     m.load_state_dict(store.get(("shot", *_settings(dev), model, held, seed, unlabelled),
