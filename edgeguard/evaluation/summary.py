@@ -86,7 +86,8 @@ def envelope(entries: list[Curves], cfg: EvalConfig) -> Envelope | None:
     curve is then one of the attacker's curves too, so the robust SLC-AUC is ≥ 0 by construction."""
     if len(entries) < 2:
         return None
-    restart = any(e.recipe.get("reinit", 0) >= 1 and not e.recipe.get("source_fraction", 0) for e in entries)
+    fresh = [e for e in entries if e.recipe.get("reinit", 0) >= 1]  # start from a new model: read no file
+    restart = any(not e.recipe.get("source_fraction", 0) for e in fresh)
     envs, winners = {}, {}
     for kind in ("protected", "scratch", "unprotected"):
         if all(e.curve(kind) is not None for e in entries):
@@ -106,9 +107,9 @@ def envelope(entries: list[Curves], cfg: EvalConfig) -> Envelope | None:
     if "unprotected" in envs:
         out.unprotected_robust_slc_auc = mean_std(slc_auc(cfg.grid, u, q)["slc_auc"]
                                                   for u, q in zip(envs["unprotected"], envs["scratch"]))
-    fresh = [e.protected for e in entries if e.recipe.get("reinit", 0) >= 1 and e.recipe.get("source_fraction", 0)]
-    if fresh:  # starting over on the source sample reads nothing of the file: the floor of this suite
-        out.floor_curve = np.asarray(fresh, dtype=float).max(0).tolist()
+    floors = [e.protected for e in fresh if e.recipe.get("source_fraction", 0)]
+    if floors:  # starting over on the source sample reads nothing of the file: the floor of this suite
+        out.floor_curve = np.asarray(floors, dtype=float).max(0).tolist()
         out.floor_slc_auc = mean_std(slc_auc(cfg.grid, f, q)["slc_auc"]
                                      for f, q in zip(out.floor_curve, envs["scratch"]))
     return out
