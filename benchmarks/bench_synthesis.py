@@ -4,7 +4,7 @@ For every model file and every candidate (`--candidate NAME=K=V,K=V`, or the pre
 time, fidelity (real-source accuracy of a fresh student distilled on the set alone, over the teacher's),
 BN-statistics distance, teacher confidence, class histogram. Rows go to RESULTS.md; `--report DIR` also
 writes each candidate's grid and histogram (the `edgeguard synthesize --report` files).
-    python benchmarks/bench_synthesis.py runs/mnist_cnn32.safetensors --preset default,di-400
+    python benchmarks/bench_synthesis.py runs/mnist_cnn32.safetensors --candidate default --candidate adaptive-colour
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from edgeguard.training import TensorData
 PRESETS = {
     "default": "",
     "pixels-v1": "recipe=deepinversion,jitter=0,first_bn_weight=1,tv_weight=0.001,lowres=0",  # before issue 20
-    "di-400": "recipe=deepinversion,iterations=400",
+    "di-400": "iterations=400",
+    "adaptive-colour": "batch_size=128,competition=1,colour=0.2",  # issue 32: wins on MNIST-M, loses on MNIST
 }
 
 

@@ -1,9 +1,11 @@
 """Pseudo-data from a frozen model, for MAP's source-free and data-free settings.
 
-- `synthesize`: the pseudo-source by DeepInversion (`synthesize_deepinversion`: optimise each batch's pixels
-  so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled labels, image
-  priors, per-step jitter and a half-resolution start), then an optional class-balanced confidence filter
-  (a generator recipe was measured and removed: RESULTS, "MAP without source data (issue 20)"). Models
+- `synthesize`: the pseudo-source by Adaptive DeepInversion (`synthesize_deepinversion`: optimise each
+  batch's pixels so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled
+  labels, image priors, per-step colour jitter and translation, a half-resolution start, and a competition
+  term that seeks what a student distilled on the earlier batches still gets wrong); images started from the
+  defender's target images are restyled first and labelled after. Then an optional class-balanced confidence
+  filter (a generator recipe was measured and removed: RESULTS, "MAP without source data (issue 20)"). Models
   without BatchNorm get a clear error (the statistics are the only trace of the source data they keep).
 - `neighbour_domains`: "neighbour domains" made from pseudo-source images by strong style, colour and
   frequency perturbations (the data-free stand-in for an unknown target).
@@ -35,7 +37,7 @@ from ..errors import EdgeguardError
 from ..inputspec import DIGITS_INPUT, InputSpec
 from ..models.registry import input_of
 from ..progress import progress
-from ..training import normalize
+from ..training import augment, normalize
 
 RECIPES = ("deepinversion",)  # the generator recipe lost (fidelity 59.1 % against 93.9 %) and was removed
 
@@ -46,7 +48,8 @@ class SynthesisConfig:
 
     recipe: str = param("deepinversion", "deepinversion: optimise the pixels of each batch", choices=RECIPES)
     n: int = param(1024, "pseudo-source images to keep")
-    batch_size: int = param(256, "images optimised together")
+    batch_size: int = param(256, "images optimised together (with competition: several batches, the student "
+                            "learns from the earlier ones)")
     iterations: int = param(200, "Adam steps per batch")
     lr: float = param(0.1, "Adam learning rate on the pixels")
     bn_weight: float = param(1.0, "weight of the BatchNorm-statistics match")
@@ -58,6 +61,14 @@ class SynthesisConfig:
     jitter: int = param(2, "random translation (pixels, wrap-around) of the images at every step")
     flip: bool = param(False, "random horizontal flips at every step (for mirror-symmetric classes only)")
     lowres: float = param(0.5, "share of the iterations optimised at half resolution first (multi-resolution)")
+    colour: float = param(0.0, "per-image brightness and per-channel offset jitter at every step (strength, in "
+                          "normalised units; 0 = off; 0.2 with competition for colour sources, RESULTS)")
+    competition: float = param(0.0, "Adaptive DeepInversion: weight of the teacher–student disagreement term "
+                               "(a student distilled on the batches made so far; 0 = off; 1 for colour sources)")
+    student_steps: int = param(100, "student distillation steps after each batch (competition only)")
+    relabel: float = param(0.0, "images started from target images: share of the iterations restyled without "
+                           "CE before their labels are read from the restyled images (0: the model's answers on "
+                           "the raw start, which a model weak on the target gives to few classes)")
     oversample: float = param(1.0, "make this many times n and keep the most confident n/K per class")
     seed: int = param(0, "seed of the noise start and the sampled labels")
     init: str = param("auto", "start from noise, from the defender's target images, both (the two sets "
@@ -71,6 +82,10 @@ class SynthesisConfig:
         if min(self.bn_weight, self.first_bn_weight, self.ce_weight, self.tv_weight, self.l2_weight,
                self.jitter) < 0:
             raise EdgeguardError("synth weights and synth.jitter must be ≥ 0")
+        if min(self.colour, self.competition) < 0 or self.student_steps < 1:
+            raise EdgeguardError("synth.colour and synth.competition must be ≥ 0 and synth.student_steps ≥ 1")
+        if not 0 <= self.relabel < 1:
+            raise EdgeguardError(f"synth.relabel is a share of the iterations in [0, 1), got {self.relabel}")
         if not 0 <= self.lowres < 1:
             raise EdgeguardError(f"synth.lowres is a share of the iterations in [0, 1), got {self.lowres}")
         if not self.oversample >= 1:
@@ -97,7 +112,12 @@ def _pixel_range(dev: torch.device, spec: InputSpec) -> tuple[torch.Tensor, torc
 
 
 def _perturb(x: torch.Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> torch.Tensor:
-    """The per-step jitter (a wrap-around roll) and flip of DeepInversion."""
+    """The per-step views of DeepInversion: per-image colour jitter, a wrap-around roll, an optional flip."""
+    if cfg.colour > 0:
+        n = x.shape[0]
+        gain = 1 + cfg.colour * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
+        bias = cfg.colour * (torch.rand(n, x.shape[1], 1, 1, generator=gen) * 2 - 1)
+        x = x * gain.to(x.device) + bias.to(x.device)
     if cfg.jitter:
         dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
         x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
@@ -123,16 +143,64 @@ def _balanced_labels(size: int, offset: int, num_classes: int, gen: torch.Genera
     return y[torch.randperm(size, generator=gen)]
 
 
+def _js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence between the softmaxes of two logit batches (mean over the batch)."""
+    p, q = F.softmax(a, 1), F.softmax(b, 1)
+    m = ((p + q) / 2).clamp_min(1e-8).log()
+    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+
+
+def _competition_student(model: nn.Module, num_classes: int, cfg: SynthesisConfig, dev) -> nn.Module:
+    """A fresh model of the teacher's architecture (seeded by cfg.seed, the global RNG left alone)."""
+    from ..models import create_model
+
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise EdgeguardError("synth.competition needs a registered architecture for its student; "
+                             "set synth.competition=0 for this model")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        student = create_model(arch, num_classes, input_of(model)).to(dev).eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return student
+
+
+def _distil_student(student: nn.Module, teacher: nn.Module, x_uint8: torch.Tensor, steps: int, spec: InputSpec,
+                    gen: torch.Generator) -> None:
+    """A few KD steps (T = 4) of the competition student on the images made so far."""
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    dev = next(student.parameters()).device
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_uint8), (min(128, len(x_uint8)),), generator=gen)
+        x = augment(normalize(x_uint8[idx].to(dev), spec), gen, 2)
+        with torch.no_grad():
+            t = teacher(x)
+        loss = F.kl_div(F.log_softmax(student(x) / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+
 def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
                              history: list | None = None, init_images: np.ndarray | None = None,
                              count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """DeepInversion: optimise each batch's pixels so that every BatchNorm layer's batch statistics match its
-    running ones, with CE to balanced sampled labels, TV and L2 priors, per-step jitter/flip, an optional
-    half-resolution start, Adam with a cosine learning rate.
+    running ones, with CE to balanced sampled labels, TV and L2 priors, per-step colour jitter, translation and
+    flip, an optional half-resolution start, Adam with a cosine learning rate. With `cfg.competition` a student
+    is distilled on the batches made so far and each new batch also seeks the teacher–student disagreement
+    (Adaptive DeepInversion), so later batches cover what earlier ones left out.
 
-    With `init_images` (uint8, e.g. the defender's target images) the optimisation starts from them and the
-    labels are the frozen model's own answers: the result keeps their content and takes on the source
-    domain's feature statistics ("target restyled as source").
+    With `init_images` (uint8, e.g. the defender's target images) the optimisation starts from them: the first
+    `cfg.relabel` share of the steps restyles them without CE, then the frozen model's answers on the restyled
+    images are their labels. The result keeps their content and takes on the source domain's feature
+    statistics ("target restyled as source").
     """
     layers = _frozen(model)
     dev = resolve_device(device)
@@ -145,6 +213,7 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
     c, full_h, full_w = spec.shape
     lo, hi = _pixel_range(dev, spec)
     low_iters = int(round(cfg.lowres * cfg.iterations))
+    student = _competition_student(model, num_classes, cfg, dev) if cfg.competition > 0 else None
     try:
         n_batches = -(-count // cfg.batch_size)
         bar = progress(range(n_batches * cfg.iterations), desc="synthesise", total=n_batches * cfg.iterations)
@@ -164,8 +233,13 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
             x = x0.clone().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
+            relabel_at = int(round(cfg.relabel * cfg.iterations)) if init_images is not None else 0
             for i in range(cfg.iterations):
                 next(it, None)
+                if relabel_at and i == relabel_at:  # read the labels on the restyled images, not the raw ones
+                    with torch.no_grad():
+                        y = model(x.detach()).argmax(1)
+                    hook.pop()
                 if res != full_w and i == low_iters:  # multi-resolution: continue at full resolution
                     with torch.no_grad():
                         x = F.interpolate(x.detach(), size=(full_h, full_w), mode="bilinear", align_corners=False)
@@ -177,10 +251,14 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
                 full = x if res == full_w else F.interpolate(x, size=(full_h, full_w), mode="bilinear",
                                                               align_corners=False)
                 hook.pop()
-                logits = model(_perturb(full, cfg, gen))
+                seen = _perturb(full, cfg, gen)
+                logits = model(seen)
                 bn = hook.pop()
-                loss = (cfg.ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
+                ce_weight = 0.0 if i < relabel_at else cfg.ce_weight
+                loss = (ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
                         + cfg.tv_weight * _tv(full) + cfg.l2_weight * full.pow(2).mean())
+                if student is not None and b > 0:  # Adaptive DeepInversion: seek what the student gets wrong
+                    loss = loss + cfg.competition * (1 - _js(logits, student(seen)))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -192,6 +270,9 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
                                     "loss": float(loss.detach())})
             xs.append(_to_uint8(x.detach(), spec).cpu())
             ys.append(y.cpu())
+            if student is not None and b < n_batches - 1:
+                _distil_student(student, model, torch.cat(xs), cfg.student_steps, spec, gen)
+                hook.pop()  # the teacher's passes there are not a batch being made
     finally:
         hook.close()
     return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(np.int64)
