@@ -104,18 +104,6 @@ def colour_teacher(tmp_path_factory, data_root):
     return art.model, TensorData.from_numpy(mnist_m.test_x[:1000], mnist_m.test_y[:1000])
 
 
-def test_competition_distils_a_better_student_on_a_colour_teacher(colour_teacher):
-    """Adaptive DeepInversion with colour jitter (issue 32 item 1, the `adaptive-colour` recipe): the set
-    teaches a fresh student more of a colour teacher than plain DeepInversion at the same images and steps."""
-    teacher, test = colour_teacher
-    budget = dict(n=256, batch_size=64, iterations=100, seed=0, init="noise")
-    plain = distilled_accuracy(teacher, synthesize(teacher, 10, SynthesisConfig(**budget), "cpu")[0],
-                               test, CHECK, "cpu")
-    recipe = SynthesisConfig(**budget, competition=1.0, colour=0.2)
-    adaptive = distilled_accuracy(teacher, synthesize(teacher, 10, recipe, "cpu")[0], test, CHECK, "cpu")
-    assert adaptive > plain + 0.03, (plain, adaptive)  # measured 40.0 % against 45.9 % on 1,000 test images
-
-
 def test_relabel_reads_labels_on_the_restyled_images(colour_teacher):
     """A colour teacher answers few classes on raw grey MNIST digits; restyling first and reading the labels
     after (`relabel`) spreads them over more classes (issue 32: the restyled set had 310 of 512 images in one

@@ -188,6 +188,21 @@ def _distil_student(student: nn.Module, teacher: nn.Module, x_uint8: torch.Tenso
         p.requires_grad_(False)
 
 
+def _batch_start(model: nn.Module, init_images: np.ndarray | None, offset: int, size: int, num_classes: int,
+                 lowres: bool, gen: torch.Generator, dev) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A batch's start (normalised), its labels and its width: target images with the model's answers, or
+    noise (at half width for a multi-resolution start) with balanced sampled labels."""
+    spec = input_of(model)
+    c, full_h, full_w = spec.shape
+    if init_images is not None:
+        x0 = normalize(torch.from_numpy(init_images[offset : offset + size]).to(dev), spec)
+        with torch.no_grad():
+            return x0, model(x0).argmax(1), full_w
+    y = _balanced_labels(size, offset, num_classes, gen).to(dev)
+    res = full_w // 2 if lowres else full_w
+    return (torch.randn(size, c, full_h * res // full_w, res, generator=gen) * 0.5).to(dev), y, res
+
+
 def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
                              history: list | None = None, init_images: np.ndarray | None = None,
                              count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -220,16 +235,8 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
         it = iter(bar)
         for b in range(n_batches):
             size = min(cfg.batch_size, count - b * cfg.batch_size)
-            if init_images is not None:
-                chunk = torch.from_numpy(init_images[b * cfg.batch_size : b * cfg.batch_size + size]).to(dev)
-                x0 = normalize(chunk, spec)
-                with torch.no_grad():
-                    y = model(x0).argmax(1)
-                res = full_w
-            else:
-                y = _balanced_labels(size, b * cfg.batch_size, num_classes, gen).to(dev)
-                res = full_w // 2 if low_iters else full_w
-                x0 = (torch.randn(size, c, full_h * res // full_w, res, generator=gen) * 0.5).to(dev)
+            x0, y, res = _batch_start(model, init_images, b * cfg.batch_size, size, num_classes, low_iters > 0,
+                                      gen, dev)
             x = x0.clone().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
