@@ -1,10 +1,10 @@
 """Pseudo-data from a frozen model, for MAP's source-free and data-free settings.
 
-- `synthesize`: the pseudo-source by Adaptive DeepInversion (`synthesize_deepinversion`: optimise each
-  batch's pixels so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled
-  labels, image priors, per-step colour jitter and translation, a half-resolution start, and a competition
-  term that seeks what a student distilled on the earlier batches still gets wrong); images started from the
-  defender's target images are restyled first and labelled after. Then an optional class-balanced confidence
+- `synthesize`: the pseudo-source by DeepInversion (`synthesize_deepinversion`: optimise each batch's pixels
+  so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled labels, image
+  priors, per-step translation and a half-resolution start; as settings, off by default: colour jitter, the
+  Adaptive DeepInversion competition with a student distilled on the earlier batches, and relabelling of
+  restyled target images after restyling, which win on a colour source and lose on a grey one). Then an optional class-balanced confidence
   filter (a generator recipe was measured and removed: RESULTS, "MAP without source data (issue 20)"). Models
   without BatchNorm get a clear error (the statistics are the only trace of the source data they keep).
 - `neighbour_domains`: "neighbour domains" made from pseudo-source images by strong style, colour and
