@@ -2,17 +2,20 @@
 check, at the same budget; the fidelity report and `edgeguard synthesize --report` on a real model."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from edgeguard.artifact import load_artifact
 from edgeguard.domains import get_domain
 from edgeguard.errors import EdgeguardError
 from edgeguard.evaluation.fidelity import FidelityConfig, distilled_accuracy, fidelity_report
 from edgeguard.methods.synthesis import SynthesisConfig, keep_confident, synthesize
+from edgeguard.models.registry import input_of
 from edgeguard.training import TensorData
 
 BUDGET = dict(n=256, batch_size=128, iterations=120, seed=0, init="noise")
@@ -112,3 +115,18 @@ def test_relabel_reads_labels_on_the_restyled_images(colour_teacher):
     _, raw = synthesize(teacher, 10, cfg, "cpu", init_images=start)
     _, restyled = synthesize(teacher, 10, replace(cfg, relabel=0.5), "cpu", init_images=start)
     assert np.bincount(restyled, minlength=10).max() < np.bincount(raw, minlength=10).max(), (raw, restyled)
+
+
+def test_fidelity_student_takes_the_teachers_input(teacher_and_test):
+    """A vendor's model normalises its own way (here std 0.25, its first conv halved: the same function): the
+    fidelity student must be built for the teacher's input, not trained on one and scored on another (before
+    the fix: 10 % against 89 %, cnn32)."""
+    teacher, test = teacher_and_test
+    vendor = copy.deepcopy(teacher)
+    vendor.input_spec = replace(input_of(teacher), std=(0.25,) * 3)
+    conv = next(m for m in vendor.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+    real = get_domain("mnist").train_x[:512]
+    rep = fidelity_report(vendor, real, test, FidelityConfig(steps=150), "cpu")
+    assert rep.teacher_source_accuracy > 0.9 and rep.fidelity > 0.6, rep

@@ -80,13 +80,13 @@ def distilled_accuracy(teacher: nn.Module, images: np.ndarray, source_test: Tens
     arch, num_classes = getattr(teacher, "arch", None), getattr(teacher, "num_classes", None)
     if arch is None:
         raise EdgeguardError("the fidelity check needs a registered architecture (a Classifier)")
+    spec = input_of(teacher)
     torch.manual_seed(cfg.seed)
-    student = create_model(arch, num_classes).to(device)
+    student = create_model(arch, num_classes, spec).to(device)  # the teacher's input (a camera model's size)
     data = TensorData.from_numpy(images, np.zeros(len(images), np.int64), device)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     epochs = max(1, round(cfg.steps / steps_per_epoch))
     T = cfg.temperature
-    spec = input_of(teacher)
 
     def batches(epoch: int, gen: torch.Generator):
         return ((b, gen) for b in iterate_batches(data, cfg.batch_size, gen))
