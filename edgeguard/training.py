@@ -383,6 +383,13 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024) -> floa
     return float((logits.argmax(1) == data.y.to(logits.device)).float().mean())
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean: the knowledge-distillation term every
+    distilling loop shares (T² keeps its gradient scale independent of T)."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean") * temperature * temperature
+
+
 def recipe_input(x: torch.Tensor, gen: torch.Generator, cfg: TrainConfig, spec: InputSpec) -> torch.Tensor:
     """A uint8 batch as the recipe trains on it: normalised for the model's input, then augmented from the
     epoch's generator (the one definition every loop shares, so all draw the same augmentation)."""

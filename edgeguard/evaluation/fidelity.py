@@ -29,6 +29,7 @@ from ..models.registry import input_of
 from ..training import (
     TensorData,
     augment,
+    distillation_loss,
     evaluate,
     inner_recipe,
     iterate_batches,
@@ -86,7 +87,6 @@ def distilled_accuracy(teacher: nn.Module, images: np.ndarray, source_test: Tens
     data = TensorData.from_numpy(images, np.zeros(len(images), np.int64), device)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     epochs = max(1, round(cfg.steps / steps_per_epoch))
-    T = cfg.temperature
 
     def batches(epoch: int, gen: torch.Generator):
         return ((b, gen) for b in iterate_batches(data, cfg.batch_size, gen))
@@ -97,7 +97,7 @@ def distilled_accuracy(teacher: nn.Module, images: np.ndarray, source_test: Tens
         with torch.no_grad():
             t = teacher(x).float()
         s = student(x).float()
-        kl = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean") * T * T
+        kl = distillation_loss(s, t, cfg.temperature)
         return kl, {"kl": float(kl.detach())}
 
     rcfg = inner_recipe(epochs, cfg.lr, cfg.batch_size, cfg.seed, device, scheduler="cosine")

@@ -50,7 +50,7 @@ from ..finetune.unrolled import unrolled_run
 from ..masks import MaskSet, prunable_names
 from ..models.registry import input_of
 from ..progress import progress
-from ..training import TensorData, TrainConfig, augment, evaluate, normalize, recipe_input
+from ..training import TensorData, TrainConfig, augment, distillation_loss, evaluate, normalize, recipe_input
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 
 TARGET_SEED_OFFSET = 1  # as NTP: the target fraction is drawn with seed + 1
@@ -367,8 +367,8 @@ def _outer_step(model: nn.Module, teacher: nn.Module, mask: MaskSet | None, st: 
     out = model(xs).float()
     t = cfg.kd_temperature
     with torch.no_grad():
-        soft = F.softmax(teacher(xs).float() / t, dim=1)
-    kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
+        teach = teacher(xs).float()
+    kd = distillation_loss(out, teach, t)
     st.opt.zero_grad(set_to_none=True)
     (F.cross_entropy(out, s.y) + cfg.kd_weight * kd).backward()
     params = dict(model.named_parameters())

@@ -41,7 +41,16 @@ from ..config import param
 from ..errors import EdgeguardError
 from ..masks import MaskSet, apply_n_m, masked_params, prunable_names
 from ..models.registry import input_of
-from ..training import TensorData, augment, inner_recipe, normalize, paired_batches, predict_logits, run_loop
+from ..training import (
+    TensorData,
+    augment,
+    distillation_loss,
+    inner_recipe,
+    normalize,
+    paired_batches,
+    predict_logits,
+    run_loop,
+)
 from .base import Checkpoints, DataNeeds, MethodResult, ProtectionData, register_method
 from .synthesis import SynthesisConfig, cached_pseudo_source, neighbour_domains
 
@@ -180,8 +189,7 @@ def masked_forward(model: nn.Module, scores: MaskScores, x: torch.Tensor) -> tor
 
 def source_objective(student_s, teacher_s, y_s, cfg: MapConfig, has_labels: bool):
     """T²·KL(frozen ‖ masked) on source images, + CE where source labels exist."""
-    T = cfg.temperature
-    kl_s = F.kl_div(F.log_softmax(student_s / T, 1), F.softmax(teacher_s / T, 1), reduction="batchmean") * T * T
+    kl_s = distillation_loss(student_s, teacher_s, cfg.temperature)
     loss = cfg.src_kl * kl_s
     metrics = {"src_kl": float(kl_s.detach())}
     if has_labels and cfg.src_ce:

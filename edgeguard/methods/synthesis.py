@@ -35,9 +35,9 @@ from ..config import param
 from ..devices import resolve_device
 from ..errors import EdgeguardError
 from ..inputspec import DIGITS_INPUT, InputSpec
-from ..models.registry import input_of
+from ..models.registry import create_model, input_of
 from ..progress import progress
-from ..training import augment, normalize
+from ..training import augment, distillation_loss, normalize
 
 RECIPES = ("deepinversion",)  # the generator recipe lost (fidelity 59.1 % against 93.9 %) and was removed
 
@@ -152,8 +152,6 @@ def _js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _competition_student(model: nn.Module, num_classes: int, cfg: SynthesisConfig, dev) -> nn.Module:
     """A fresh model of the teacher's architecture (seeded by cfg.seed, the global RNG left alone)."""
-    from ..models import create_model
-
     arch = getattr(model, "arch", None)
     if arch is None:
         raise EdgeguardError("synth.competition needs a registered architecture for its student; "
@@ -179,7 +177,7 @@ def _distil_student(student: nn.Module, teacher: nn.Module, x_uint8: torch.Tenso
         x = augment(normalize(x_uint8[idx].to(dev), spec), gen, 2)
         with torch.no_grad():
             t = teacher(x)
-        loss = F.kl_div(F.log_softmax(student(x) / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
+        loss = distillation_loss(student(x), t, 4.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
