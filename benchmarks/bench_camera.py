@@ -218,7 +218,8 @@ def cmd_map(a) -> None:
                     f"{statistics.mean(tg):.2f} ± {_sd(tg):.2f} % | |")
     if not a.keep:
         shutil.rmtree(d)
-    record(f"Camera resolution: MAP source-available on PACS ({a.arch} {a.size} px) (issue 29)", rows)
+    setting = next((o.split("=", 1)[1] for o in a.set or [] if o.startswith("setting=")), "source-available")
+    record(f"Camera resolution: MAP {setting} on PACS ({a.arch} {a.size} px) (issue 29)", rows)
 
 
 def main() -> None:
