@@ -187,10 +187,6 @@ def cmd_parity(a) -> None:
            f"{'×'.join(map(str, spec.shape))}) (issue 29)", rows)
 
 
-def _sd(xs: list[float]) -> float:
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
 def cmd_map(a) -> None:
     from edgeguard.artifact import load_artifact
     from edgeguard.protect import protect
@@ -212,14 +208,15 @@ def cmd_map(a) -> None:
             rows.append(f"| {seed} | {t} | {s.before * 100:.2f} → {s.after * 100:.2f} % ({(s.before - s.after) * 100:.2f})"
                         f" | {g.before * 100:.2f} → {g.after * 100:.2f} % | {time.perf_counter() - t0:.0f} s |")
             print(rows[-1], flush=True)
-    for t, v in res.items():
-        drops, tg = [x[0] for x in v], [x[1] for x in v]
-        rows.append(f"| mean ± std | {t} | drop {statistics.mean(drops):.2f} ± {_sd(drops):.2f} | "
-                    f"{statistics.mean(tg):.2f} ± {_sd(tg):.2f} % | |")
+    if len(a.seeds) > 1:  # one seed has no spread to report
+        for t, v in res.items():
+            drops, tg = [x[0] for x in v], [x[1] for x in v]
+            rows.append(f"| mean ± std | {t} | drop {statistics.mean(drops):.2f} ± {statistics.stdev(drops):.2f} | "
+                        f"{statistics.mean(tg):.2f} ± {statistics.stdev(tg):.2f} % | |")
     if not a.keep:
         shutil.rmtree(d)
     setting = next((o.split("=", 1)[1] for o in a.set or [] if o.startswith("setting=")), "source-available")
-    record(f"Camera resolution: MAP {setting} on PACS ({a.arch} {a.size} px) (issue 29)", rows)
+    record(f"Camera resolution: MAP {setting} on PACS ({a.arch} {a.size} px)", rows)
 
 
 def main() -> None:
