@@ -17,11 +17,11 @@ from edgeguard.protect import protect
 from edgeguard.training import TensorData, evaluate
 
 # Small enough for the test suite; the full budget is in benchmarks/bench_harden.py.
-FAST = ["outer_steps=30", "eval_every=10", "attacks=1", "proxy_steps=32"]
+FAST = ["outer_steps=20", "eval_every=10", "attacks=1", "proxy_steps=32"]
 # Never sampled: every simulated attack trains all weights; this one trains the head alone (a linear probe on
 # the hardened features), Adam 1e-3 for 30 epochs on 1 % of USPS.
 UNSAMPLED = AttackRecipe(train="head", head="kept", optimizer="adam", lr=1e-3, epochs=30)
-MARGIN = 0.05  # its USPS accuracy drops by at least 5 points (measured 69.6 → 52.1 %, RESULTS "The test suite's time")
+MARGIN = 0.05  # its USPS accuracy drops by at least 5 points (measured 69.6 → 46.1 %, RESULTS "The test suite's time")
 
 
 @pytest.fixture(scope="module")
