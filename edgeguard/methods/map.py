@@ -219,7 +219,7 @@ def repair_objective(student_s, teacher_s, y_s, student_t, protected_t, cfg: Map
     """Repair phase: the source terms + repair_target·KL(chosen mask's answers ‖ p) on target images, which
     holds the main phase's target answers while weights the source needs may grow back."""
     loss, metrics = source_objective(student_s, teacher_s, y_s, cfg, has_labels)
-    keep = F.kl_div(F.log_softmax(student_t, 1), F.softmax(protected_t, 1), reduction="batchmean")
+    keep = distillation_loss(student_t, protected_t, 1.0)
     metrics["tgt_keep_kl"] = float(keep.detach())
     return loss + cfg.repair_target * keep, metrics
 
