@@ -1,7 +1,10 @@
 """BatchNorm statistics, below methods and evaluation alike: their re-estimation (the attacker's move, the
-hardening's and NTP's recalibration before shipping) and how far a batch's per-layer statistics are from a
-model's running ones (DeepInversion's prior, the pseudo-source fidelity check)."""
+hardening's and NTP's recalibration before shipping), the shift a mask causes carried over from a pseudo-source
+(MAP without source data), and how far a batch's per-layer statistics are from a model's running ones
+(DeepInversion's prior, the pseudo-source fidelity check)."""
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -85,3 +88,18 @@ def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128, max
     for bn, mom in zip(bns, saved):
         bn.momentum = mom
     model.train(was)
+
+
+@torch.no_grad()
+def carry_bn_shift(model: nn.Module, reference: nn.Module, data: TensorData) -> None:
+    """Move `model`'s BatchNorm statistics by the shift that `data` shows between it and `reference` (the same
+    architecture): both are re-estimated on `data` (copies) and `model` takes the difference of the means and
+    the ratio of the variances. A change of the weights (a mask) moves the statistics, and images that only
+    approximate the real ones (a pseudo-source) see that move while their own mismatch cancels; replacing the
+    statistics by the pseudo-source's own imports that mismatch (RESULTS, issue 32 "BN recalibration")."""
+    moved, ref = copy.deepcopy(model), copy.deepcopy(reference)
+    reestimate_bn(moved, data)
+    reestimate_bn(ref, data)
+    for out, m, r in zip(bn_layers(model), bn_layers(moved), bn_layers(ref)):
+        out.running_mean.add_(m.running_mean - r.running_mean)
+        out.running_var.mul_(m.running_var / r.running_var.clamp_min(1e-5))

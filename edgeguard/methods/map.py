@@ -21,7 +21,10 @@ What is OUR design (the paper's recipe was not available to us):
 - pseudo-source for source-free / data-free: DeepInversion (methods/synthesis.py), started from the defender's
   target images in source-free (their content restyled to the source's statistics) and from noise in
   data-free, whose targets are "neighbour domains" made from it; without real source images the mask's
-  pruned share is capped (`source_free_cap`, `data_free_cap`): it is what keeps the real source.
+  pruned share is capped (`source_free_cap`, `data_free_cap`), and at the end the masked model's BatchNorm
+  statistics are moved by the shift the mask causes on the pseudo-source (`recalibrate`): the pseudo-source
+  sees that shift as the real source does, and undoing it gives back much of the real source the mask cost
+  (weights and mask unchanged; only the running statistics move).
 Every choice and its measurement: benchmarks/RESULTS.md (MAP sections).
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..bn_stats import carry_bn_shift
 from ..config import param
 from ..errors import EdgeguardError
 from ..masks import MaskSet, apply_n_m, masked_params, prunable_names
@@ -74,7 +78,7 @@ class MapConfig:
     setting: str = param("source-available", "which data the defender has", choices=SETTINGS)
     layers: str = param("all", "which layers are masked", choices=("all", "encoder", "head"))
     sparsity_cap: float | None = param(None, "at most this fraction of the masked weights is pruned (None: no cap)")
-    source_free_cap: float = param(0.05, "the sparsity cap in source-free when sparsity_cap is None: with "
+    source_free_cap: float = param(0.03, "the sparsity cap in source-free when sparsity_cap is None: with "
                                      "pseudo-source images only, the mask must prune less (1: no cap)")
     data_free_cap: float = param(0.03, "the same in data-free (its target is only the neighbour domains)")
     budget: str = param("global", "apply the cap over all layers together or per layer",
@@ -97,6 +101,8 @@ class MapConfig:
     augment_shift: int = param(1, "random translation (pixels) of every batch")
     repair_epochs: int = param(4, "repair phase epochs (0: none)")
     repair_target: float = param(1.0, "weight of the KL that holds the chosen mask's target answers in repair")
+    recalibrate: bool = param(True, "source-free / data-free: move the masked model's BatchNorm statistics by the "
+                              "shift the mask causes on the pseudo-source (bn_stats.carry_bn_shift)")
     max_source: int | None = param(20000, "defender's source images per run (source-available)")
     max_target: int | None = param(20000, "defender's target images per run (an epoch is one pass over them)")
     synth: SynthesisConfig = param(factory=SynthesisConfig, help="pseudo-source synthesis (source-free, data-free)")
@@ -386,6 +392,9 @@ def run_map(model: nn.Module, data: ProtectionData, cfg: MapConfig, checkpoints:
                                checkpoints)
     protected = copy.deepcopy(model)
     mask.to(data.device).bake_(protected)
+    if cfg.setting != "source-available" and cfg.recalibrate:
+        carry_bn_shift(protected, model, source)
+        notes["bn_recalibrated_on"] = "pseudo-source"
     return MethodResult(protected, mask, history, notes)
 
 
