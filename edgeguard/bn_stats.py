@@ -96,7 +96,7 @@ def carry_bn_shift(model: nn.Module, reference: nn.Module, data: TensorData) -> 
     architecture): both are re-estimated on `data` (copies) and `model` takes the difference of the means and
     the ratio of the variances. A change of the weights (a mask) moves the statistics, and images that only
     approximate the real ones (a pseudo-source) see that move while their own mismatch cancels; replacing the
-    statistics by the pseudo-source's own imports that mismatch (RESULTS, issue 32 "BN recalibration")."""
+    statistics by the pseudo-source's own imports that mismatch (RESULTS, "the mask moves the BatchNorm statistics")."""
     moved, ref = copy.deepcopy(model), copy.deepcopy(reference)
     reestimate_bn(moved, data)
     reestimate_bn(ref, data)
