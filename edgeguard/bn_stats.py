@@ -13,6 +13,11 @@ from .models.registry import input_of
 from .training import TensorData, normalize
 
 
+def _tracked(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer (any dimension) that keeps running statistics: what re-estimation changes."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
 
@@ -64,7 +69,7 @@ def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128, max
     """Replace every BatchNorm's running statistics by their cumulative average over train-mode forward passes
     on `data` (uint8 images; no gradient), in order or shuffled by `shuffle_seed`, at most `max_batches`
     batches; a one-image batch is skipped (its variance is undefined). The model's mode is restored."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _tracked(model)
     if not bns or len(data) == 0:
         return
     device = next(model.parameters()).device
@@ -97,9 +102,11 @@ def carry_bn_shift(model: nn.Module, reference: nn.Module, data: TensorData) -> 
     the ratio of the variances. A change of the weights (a mask) moves the statistics, and images that only
     approximate the real ones (a pseudo-source) see that move while their own mismatch cancels; replacing the
     statistics by the pseudo-source's own imports that mismatch (RESULTS, "the mask moves the BatchNorm statistics")."""
+    if len(data) == 0:  # no images, no measured shift (reestimate_bn would leave the copies as they are)
+        return
     moved, ref = copy.deepcopy(model), copy.deepcopy(reference)
     reestimate_bn(moved, data)
     reestimate_bn(ref, data)
-    for out, m, r in zip(bn_layers(model), bn_layers(moved), bn_layers(ref)):
+    for out, m, r in zip(_tracked(model), _tracked(moved), _tracked(ref)):  # the layers reestimate_bn changed
         out.running_mean.add_(m.running_mean - r.running_mean)
         out.running_var.mul_(m.running_var / r.running_var.clamp_min(1e-5))
