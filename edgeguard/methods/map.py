@@ -21,7 +21,11 @@ What is OUR design (the paper's recipe was not available to us):
 - pseudo-source for source-free / data-free: DeepInversion (methods/synthesis.py), started from the defender's
   target images in source-free (their content restyled to the source's statistics) and from noise in
   data-free, whose targets are "neighbour domains" made from it; without real source images the mask's
-  pruned share is capped (`source_free_cap`, `data_free_cap`), and at the end the masked model's BatchNorm
+  pruned share is chosen by a budget rule in source-free (`next_cap`: the cap starts small and doubles, epoch
+  by epoch, only while the held-out target is not yet suppressed in the model as shipped and the held-out
+  pseudo-source is still kept; it halves when the pseudo-source is lost) and capped at `data_free_cap` in
+  data-free (neighbour domains are never suppressed like a real target, so the rule climbs to its ceiling
+  there and loses the source), and at the end the masked model's BatchNorm
   statistics are moved by the shift the mask causes on the pseudo-source (`recalibrate`): the pseudo-source
   sees that shift as the real source does, and undoing it gives back much of the real source the mask cost
   (weights and mask unchanged; only the running statistics move).
@@ -78,9 +82,15 @@ class MapConfig:
     setting: str = param("source-available", "which data the defender has", choices=SETTINGS)
     layers: str = param("all", "which layers are masked", choices=("all", "encoder", "head"))
     sparsity_cap: float | None = param(None, "at most this fraction of the masked weights is pruned (None: no cap)")
-    source_free_cap: float = param(0.03, "the sparsity cap in source-free when sparsity_cap is None: with "
-                                     "pseudo-source images only, the mask must prune less (1: no cap)")
-    data_free_cap: float = param(0.03, "the same in data-free (its target is only the neighbour domains)")
+    budget_start: float = param(0.005, "source-free with sparsity_cap None: the budget rule's first cap (doubled "
+                                  "per epoch while the target is not suppressed; next_cap)")
+    budget_max: float = param(0.05, "the budget rule's largest cap")
+    suppressed_margin: float = param(0.05, "the target counts as suppressed once the held-out target agreement "
+                                       "is within this of answers independent of the image (next_cap)")
+    keep_source: float = param(0.98, "the budget rule climbs only while the held-out pseudo-source agreement is "
+                                 "at least this, and steps down below it")
+    data_free_cap: float = param(0.03, "the sparsity cap in data-free when sparsity_cap is None (its target is only "
+                                   "the neighbour domains, which the budget rule cannot judge; RESULTS)")
     budget: str = param("global", "apply the cap over all layers together or per layer",
                           choices=("global", "layer"))
     structure: str | None = param(None, "None, or 2:4 (keep 2 of every 4 consecutive input weights)")
@@ -114,9 +124,13 @@ class MapConfig:
             raise EdgeguardError(f"--setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
         if self.sparsity_cap is not None and not 0 < self.sparsity_cap < 1:
             raise EdgeguardError(f"sparsity_cap must be in (0, 1), got {self.sparsity_cap}")
-        for name, cap in (("source_free_cap", self.source_free_cap), ("data_free_cap", self.data_free_cap)):
-            if not 0 < cap <= 1:
-                raise EdgeguardError(f"{name} must be in (0, 1] (1: no cap), got {cap}")
+        if not 0 < self.budget_start <= self.budget_max < 1:
+            raise EdgeguardError(f"need 0 < budget_start ≤ budget_max < 1, got {self.budget_start} and "
+                                 f"{self.budget_max}")
+        if not 0 < self.data_free_cap <= 1:
+            raise EdgeguardError(f"data_free_cap must be in (0, 1] (1: no cap), got {self.data_free_cap}")
+        if not 0 <= self.suppressed_margin < 1 or not 0 < self.keep_source <= 1:
+            raise EdgeguardError("suppressed_margin must be in [0, 1) and keep_source in (0, 1]")
         if self.structure not in (None, "2:4"):
             raise EdgeguardError(f"structure supports only 2:4 (or None), got {self.structure!r}")
         if min(self.tgt_away, self.src_kl, self.src_ce, self.repair_target, self.repair_epochs,
@@ -157,6 +171,9 @@ class MaskScores(nn.Module):
         self.cfg = cfg
         # Every score starts ≥ margin: the mask starts all-ones and the model as the source model.
         self.scores = nn.ParameterList([nn.Parameter(initial_scores(params[n].detach(), cfg.margin)) for n in names])
+        # The pruned share's cap (1: none); a buffer, so the budget rule's moves are checkpointed with the scores.
+        cap = 1.0 if cfg.sparsity_cap is None else cfg.sparsity_cap
+        self.register_buffer("cap", torch.tensor(cap, dtype=torch.float64))
 
     def keep(self) -> list[torch.Tensor]:
         """Hard keep-decisions (bool) per layer."""
@@ -164,7 +181,7 @@ class MaskScores(nn.Module):
         keeps = [s >= 0 for s in ss]
         if self.cfg.structure == "2:4":
             keeps = [k & apply_n_m(s, 2, 4) if s.dim() > 1 else k for k, s in zip(keeps, ss)]
-        if self.cfg.sparsity_cap is not None:
+        if float(self.cap) < 1:
             caps = self._cap_thresholds(ss)
             keeps = [k | (s >= t) for k, s, t in zip(keeps, ss, caps)]
             if self.cfg.structure == "2:4":
@@ -172,7 +189,7 @@ class MaskScores(nn.Module):
         return keeps
 
     def _cap_thresholds(self, ss: list[torch.Tensor]) -> list[torch.Tensor]:
-        q = self.cfg.sparsity_cap
+        q = float(self.cap)
         if self.cfg.budget == "layer":
             return [torch.quantile(s.flatten().float()[: 16_000_000], q) for s in ss]
         flat = torch.cat([s.flatten() for s in ss])
@@ -238,20 +255,53 @@ def selection_key(src_agree: float, src_kl: float, tgt_agree: float, source_weig
     return source_weight * (1 - src_agree) + tgt_agree, src_kl
 
 
+def next_cap(cap: float, src_agree: float, tgt_agree: float, tgt_chance: float, cfg: MapConfig) -> float:
+    """The budget rule (source-free): the least pruning that suppresses the target and keeps the
+    pseudo-source. Halve the cap (not below budget_start) when the held-out pseudo-source agreement falls under
+    keep_source; double it (not above budget_max) while the held-out target agreement is still above the
+    chance agreement of answers independent of the image (`tgt_chance`) + suppressed_margin; otherwise keep it.
+    Small caps lose little after the BatchNorm shift is carried out; large ones prune what the real source
+    needs and the pseudo-source cannot see (RESULTS)."""
+    if src_agree < cfg.keep_source:
+        return max(cfg.budget_start, cap / 2)
+    if tgt_agree > tgt_chance + cfg.suppressed_margin:
+        return min(cfg.budget_max, cap * 2)
+    return cap
+
+
+def _track_best(scores: MaskScores) -> None:
+    """Buffers for the best mask so far, its cap and selection key (checkpointed with the scores)."""
+    for i, k in enumerate(scores.keep()):
+        scores.register_buffer(f"best_{i}", k.clone())
+    scores.register_buffer("best_cap", scores.cap.clone())
+    scores.register_buffer("best_score", torch.tensor(float("inf"), device=scores.cap.device))
+    scores.register_buffer("best_kl", torch.tensor(float("inf"), device=scores.cap.device))  # the tie-breaker
+
+
+@torch.no_grad()
+def masked_agreement(model: nn.Module, scores: MaskScores, data: TensorData,
+                     reference: torch.Tensor) -> tuple[float, float]:
+    """The masked model's argmax agreement with the frozen model's logits `reference`, and the mean
+    KL(frozen ‖ masked)."""
+    spec = input_of(model)
+    out = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512], spec)).float()
+                     for i in range(0, len(data), 512)])
+    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
+    return float((out.argmax(1) == reference.argmax(1)).float().mean()), float(kl)
+
+
 def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: MapConfig, has_labels: bool,
-               device: torch.device, checkpoints: Checkpoints) -> tuple[MaskSet, list]:
-    """Learn the mask on (source, target) batches; the model's weights never change."""
+               device: torch.device, checkpoints: Checkpoints, budget_rule: bool = False) -> tuple[MaskSet, list]:
+    """Learn the mask on (source, target) batches; the model's weights never change. With `budget_rule` the
+    cap moves after each main-phase epoch (next_cap) and the repair keeps the chosen mask's cap."""
     model = model.to(device).eval().to(memory_format=torch.channels_last)  # NHWC convs: faster, same maths
     for p in model.parameters():
         p.requires_grad_(False)
     names = prunable_names(model, cfg.layers)
     scores = MaskScores(model, names, cfg).to(device)
-    source, target = source.to(device), target.to(device)
-    source, held_src, held_tgt, frozen_src, frozen_tgt = _holdouts(model, source, target, cfg)
-    for i, k in enumerate(scores.keep()):  # the best mask so far, checkpointed with the scores
-        scores.register_buffer(f"best_{i}", k.clone())
-    scores.register_buffer("best_score", torch.tensor(float("inf"), device=device))
-    scores.register_buffer("best_kl", torch.tensor(float("inf"), device=device))  # the tie-breaker
+    pseudo, target = source.to(device), target.to(device)  # pseudo: all of it, as run_map carries the shift on
+    source, held_src, held_tgt, frozen_src, frozen_tgt = _holdouts(model, pseudo, target, cfg)
+    _track_best(scores)
     steps = math.ceil(len(target) / cfg.batch_size)  # an epoch is one pass over the target set
 
     def batches(epoch: int, gen: torch.Generator):
@@ -276,25 +326,26 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
             return map_objective(stud[:n], teach[:n], s.y, stud[n:], teach[n:], cfg, has_labels)
         return repair_objective(stud[:n], teach[:n], s.y, stud[n:], held, cfg, has_labels)
 
-    def agreement(data: TensorData, reference: torch.Tensor) -> tuple[float, float]:
-        """Argmax agreement with the frozen model's logits `reference`, and the mean KL(frozen ‖ masked)."""
-        with torch.no_grad():
-            out = torch.cat([masked_forward(model, scores, normalize(data.x[i : i + 512], spec)).float()
-                             for i in range(0, len(data), 512)])
-            kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
-        return float((out.argmax(1) == reference.argmax(1)).float().mean()), float(kl)
-
     def end_of_epoch(epoch: int) -> dict[str, float]:
         ms = scores.maskset()
-        (src_agree, src_kl), (tgt_agree, _) = agreement(held_src, frozen_src), agreement(held_tgt, frozen_tgt)
+        (src_agree, src_kl), (tgt_agree, _) = (masked_agreement(model, scores, held_src, frozen_src),
+                                               masked_agreement(model, scores, held_tgt, frozen_tgt))
         score, _ = key = selection_key(src_agree, src_kl, tgt_agree, cfg.select_source_weight)
         if key < (float(scores.best_score), float(scores.best_kl)):
             scores.best_score.fill_(score)
             scores.best_kl.fill_(src_kl)
+            scores.best_cap.copy_(scores.cap)
             for i, k in enumerate(scores.keep()):
                 getattr(scores, f"best_{i}").copy_(k)
-        return {"sparsity": ms.sparsity(), "heldout_source_agreement": src_agree, "heldout_source_kl": src_kl,
-                "target_agreement": tgt_agree, "selection_score": score}
+        row = {"sparsity": ms.sparsity(), "cap": float(scores.cap), "heldout_source_agreement": src_agree,
+               "heldout_source_kl": src_kl, "target_agreement": tgt_agree, "selection_score": score}
+        if budget_rule and not protected:  # the repair phase keeps the chosen mask's cap
+            (src_ship, _), (tgt_ship, tgt_chance) = shipped_agreement(
+                model, ms, pseudo, [(held_src, frozen_src), (held_tgt, frozen_tgt)], cfg)
+            row.update(shipped_source_agreement=src_ship, shipped_target_agreement=tgt_ship,
+                       shipped_target_chance=tgt_chance)
+            scores.cap.fill_(next_cap(float(scores.cap), src_ship, tgt_ship, tgt_chance, cfg))
+        return row
 
     tcfg = inner_recipe(cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, device, scheduler=cfg.scheduler)
     state = run_loop({"scores": scores}, scores.parameters(), tcfg, batches, step, end_of_epoch=end_of_epoch,
@@ -309,6 +360,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         # Repair: restart the scores at ±margin from the chosen mask; the selection score is kept, so a
         # repaired mask replaces the chosen one only where it scores better.
         protected["model"] = _restart_at(model, scores, chosen(), names, cfg)
+        scores.cap.copy_(scores.best_cap)
         rcfg = inner_recipe(cfg.repair_epochs, cfg.lr, cfg.batch_size, cfg.seed + REPAIR_SEED_OFFSET, device,
                             scheduler=cfg.scheduler)
         rstate = run_loop({"scores": scores}, scores.parameters(), rcfg, batches, step, end_of_epoch=end_of_epoch,
@@ -317,6 +369,27 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         history = history + [{**row, "phase": "repair"} for row in rstate.history]
     model.to(memory_format=torch.contiguous_format)
     return chosen().cpu(), history
+
+
+@torch.no_grad()
+def shipped_agreement(model: nn.Module, mask: MaskSet, pseudo: TensorData,
+                      held: list[tuple[TensorData, torch.Tensor]], cfg: MapConfig) -> list[tuple[float, float]]:
+    """Per held-out (images, frozen logits) pair: the argmax agreement of the model as run_map ships it (the
+    mask baked in and, with `recalibrate`, the BatchNorm shift carried) with the frozen model, and the
+    agreement two models answering independently of the image with those answer frequencies would have
+    (Σ_c p_frozen(c)·p_shipped(c)). The carried shift gives back target answers too, so the budget rule
+    judges what ships."""
+    shipped = copy.deepcopy(model)
+    mask.to(next(model.parameters()).device).bake_(shipped)
+    if cfg.recalibrate:
+        carry_bn_shift(shipped, model, pseudo)
+    out = []
+    for d, f in held:
+        a, b = predict_logits(shipped, d.x).float().argmax(1), f.argmax(1)
+        k = f.shape[1]
+        freq_a, freq_b = (torch.bincount(v, minlength=k).float() / len(v) for v in (a, b))
+        out.append((float((a == b).float().mean()), float((freq_a * freq_b).sum())))
+    return out
 
 
 def _holdouts(model: nn.Module, source: TensorData, target: TensorData, cfg: MapConfig):
@@ -385,11 +458,15 @@ def run_map(model: nn.Module, data: ProtectionData, cfg: MapConfig, checkpoints:
         target = TensorData.from_numpy(neighbours, np.zeros(len(source) * NEIGHBOUR_COPIES, np.int64))
     else:
         target = _cap(data.target, cfg.max_target, cfg.seed)
-    cap = {"source-free": cfg.source_free_cap, "data-free": cfg.data_free_cap}.get(cfg.setting, 1.0)
-    if cfg.sparsity_cap is None and cap < 1:
-        cfg = replace(cfg, sparsity_cap=cap)
+    budget_rule = cfg.setting == "source-free" and cfg.sparsity_cap is None
+    if budget_rule:
+        cfg = replace(cfg, sparsity_cap=cfg.budget_start)
+    elif cfg.setting == "data-free" and cfg.sparsity_cap is None and cfg.data_free_cap < 1:
+        cfg = replace(cfg, sparsity_cap=cfg.data_free_cap)
     mask, history = learn_mask(model, source, target, cfg, cfg.setting == "source-available", data.device,
-                               checkpoints)
+                               checkpoints, budget_rule)
+    if budget_rule:
+        notes["budget_rule_caps"] = sorted({row["cap"] for row in history})
     protected = copy.deepcopy(model)
     mask.to(data.device).bake_(protected)
     if cfg.setting != "source-available" and cfg.recalibrate:
