@@ -179,7 +179,7 @@ def test_budget_rule_climbs_until_the_target_is_suppressed_and_steps_down_when_t
     held-out pseudo-source agreement falls under keep_source, and never passes budget_max."""
     cfg = MapConfig(budget_start=0.005, budget_max=0.05, suppressed_margin=0.05, keep_source=0.98)
     assert next_cap(0.005, 1.0, 0.60, 0.2, cfg) == 0.01  # target not suppressed: climb
-    assert next_cap(0.01, 1.0, 0.24, 0.2, cfg) == 0.01  # suppressed (within 0.05 of one class): stay
+    assert next_cap(0.01, 1.0, 0.24, 0.2, cfg) == 0.01  # suppressed (within 0.05 of the chance agreement): stay
     assert next_cap(0.04, 1.0, 0.60, 0.2, cfg) == 0.05  # the ceiling
     assert next_cap(0.05, 1.0, 0.60, 0.2, cfg) == 0.05
     fallen = next_cap(0.02, 0.95, 0.60, 0.2, cfg)  # the pseudo-source is lost: a smaller budget, target or not
