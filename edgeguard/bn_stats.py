@@ -95,18 +95,26 @@ def reestimate_bn(model: nn.Module, data: TensorData, batch_size: int = 128, max
     model.train(was)
 
 
+def reestimated_copy(model: nn.Module, data: TensorData) -> nn.Module:
+    """A copy of `model` with its BatchNorm statistics re-estimated on `data` (the model is left as it is)."""
+    out = copy.deepcopy(model)
+    reestimate_bn(out, data)
+    return out
+
+
 @torch.no_grad()
-def carry_bn_shift(model: nn.Module, reference: nn.Module, data: TensorData) -> None:
+def carry_bn_shift(model: nn.Module, reference: nn.Module, data: TensorData,
+                   reference_on_data: nn.Module | None = None) -> None:
     """Move `model`'s BatchNorm statistics by the shift that `data` shows between it and `reference` (the same
     architecture): both are re-estimated on `data` (copies) and `model` takes the difference of the means and
     the ratio of the variances. A change of the weights (a mask) moves the statistics, and images that only
     approximate the real ones (a pseudo-source) see that move while their own mismatch cancels; replacing the
-    statistics by the pseudo-source's own imports that mismatch (RESULTS, "the mask moves the BatchNorm statistics")."""
+    statistics by the pseudo-source's own imports that mismatch (RESULTS, "the mask moves the BatchNorm statistics").
+    `reference_on_data`: `reestimated_copy(reference, data)` made once by a caller that carries many masks."""
     if len(data) == 0:  # no images, no measured shift (reestimate_bn would leave the copies as they are)
         return
-    moved, ref = copy.deepcopy(model), copy.deepcopy(reference)
-    reestimate_bn(moved, data)
-    reestimate_bn(ref, data)
+    moved = reestimated_copy(model, data)
+    ref = reference_on_data if reference_on_data is not None else reestimated_copy(reference, data)
     for out, m, r in zip(_tracked(model), _tracked(moved), _tracked(ref)):  # the layers reestimate_bn changed
         out.running_mean.add_(m.running_mean - r.running_mean)
         out.running_var.mul_(m.running_var / r.running_var.clamp_min(1e-5))

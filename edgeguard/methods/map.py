@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..bn_stats import carry_bn_shift
+from ..bn_stats import carry_bn_shift, reestimated_copy
 from ..config import param
 from ..errors import EdgeguardError
 from ..masks import MaskSet, apply_n_m, masked_params, prunable_names
@@ -302,6 +302,7 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
     pseudo, target = source.to(device), target.to(device)  # pseudo: all of it, as run_map carries the shift on
     source, held_src, held_tgt, frozen_src, frozen_tgt = _holdouts(model, pseudo, target, cfg)
     _track_best(scores)
+    ref_on_pseudo = reestimated_copy(model, pseudo) if budget_rule and cfg.recalibrate else None  # made once
     steps = math.ceil(len(target) / cfg.batch_size)  # an epoch is one pass over the target set
 
     def batches(epoch: int, gen: torch.Generator):
@@ -340,8 +341,8 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
         row = {"sparsity": ms.sparsity(), "cap": float(scores.cap), "heldout_source_agreement": src_agree,
                "heldout_source_kl": src_kl, "target_agreement": tgt_agree, "selection_score": score}
         if budget_rule and not protected:  # the repair phase keeps the chosen mask's cap
-            (src_ship, _), (tgt_ship, tgt_chance) = shipped_agreement(
-                model, ms, pseudo, [(held_src, frozen_src), (held_tgt, frozen_tgt)], cfg)
+            shipped = ship(model, ms, pseudo if cfg.recalibrate else None, ref_on_pseudo)
+            (src_ship, _), (tgt_ship, tgt_chance) = shipped_agreement(shipped, [(held_src, frozen_src), (held_tgt, frozen_tgt)])
             row.update(shipped_source_agreement=src_ship, shipped_target_agreement=tgt_ship,
                        shipped_target_chance=tgt_chance)
             scores.cap.fill_(next_cap(float(scores.cap), src_ship, tgt_ship, tgt_chance, cfg))
@@ -372,17 +373,23 @@ def learn_mask(model: nn.Module, source: TensorData, target: TensorData, cfg: Ma
 
 
 @torch.no_grad()
-def shipped_agreement(model: nn.Module, mask: MaskSet, pseudo: TensorData,
-                      held: list[tuple[TensorData, torch.Tensor]], cfg: MapConfig) -> list[tuple[float, float]]:
-    """Per held-out (images, frozen logits) pair: the argmax agreement of the model as run_map ships it (the
-    mask baked in and, with `recalibrate`, the BatchNorm shift carried) with the frozen model, and the
-    agreement two models answering independently of the image with those answer frequencies would have
-    (Σ_c p_frozen(c)·p_shipped(c)). The carried shift gives back target answers too, so the budget rule
-    judges what ships."""
+def ship(model: nn.Module, mask: MaskSet, pseudo: TensorData | None, reference_on_pseudo: nn.Module | None = None
+         ) -> nn.Module:
+    """The model as run_map ships it: a copy with the mask baked in and, given a pseudo-source, the BatchNorm
+    shift the mask causes on it carried (`reference_on_pseudo`: the unmasked model re-estimated on it, if made)."""
     shipped = copy.deepcopy(model)
     mask.to(next(model.parameters()).device).bake_(shipped)
-    if cfg.recalibrate:
-        carry_bn_shift(shipped, model, pseudo)
+    if pseudo is not None:
+        carry_bn_shift(shipped, model, pseudo, reference_on_pseudo)
+    return shipped
+
+
+@torch.no_grad()
+def shipped_agreement(shipped: nn.Module, held: list[tuple[TensorData, torch.Tensor]]) -> list[tuple[float, float]]:
+    """Per held-out (images, frozen logits) pair: the argmax agreement of the shipped model (`ship`) with the
+    frozen model, and the agreement two models answering independently of the image with those answer
+    frequencies would have (Σ_c p_frozen(c)·p_shipped(c)). The carried shift gives back target answers too,
+    so the budget rule judges what ships."""
     out = []
     for d, f in held:
         a, b = predict_logits(shipped, d.x).float().argmax(1), f.argmax(1)
@@ -467,10 +474,9 @@ def run_map(model: nn.Module, data: ProtectionData, cfg: MapConfig, checkpoints:
                                checkpoints, budget_rule)
     if budget_rule:
         notes["budget_rule_caps"] = sorted({row["cap"] for row in history})
-    protected = copy.deepcopy(model)
-    mask.to(data.device).bake_(protected)
-    if cfg.setting != "source-available" and cfg.recalibrate:
-        carry_bn_shift(protected, model, source)
+    carry = cfg.setting != "source-available" and cfg.recalibrate
+    protected = ship(model, mask, source if carry else None)
+    if carry:
         notes["bn_recalibrated_on"] = "pseudo-source"
     return MethodResult(protected, mask, history, notes)
 
