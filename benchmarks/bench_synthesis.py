@@ -4,7 +4,7 @@ For every model file and every candidate (`--candidate NAME=K=V,K=V`, or the pre
 time, fidelity (real-source accuracy of a fresh student distilled on the set alone, over the teacher's),
 BN-statistics distance, teacher confidence, class histogram. Rows go to RESULTS.md; `--report DIR` also
 writes each candidate's grid and histogram (the `edgeguard synthesize --report` files).
-    python benchmarks/bench_synthesis.py runs/mnist_cnn32.safetensors --candidate default --candidate adaptive-colour
+    python benchmarks/bench_synthesis.py runs/mnist_cnn32.safetensors --candidate default --candidate di-v2
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ from edgeguard.training import TensorData
 
 PRESETS = {
     "default": "",
-    "pixels-v1": "recipe=deepinversion,jitter=0,first_bn_weight=1,tv_weight=0.001,lowres=0",  # before issue 20
+    "pixels-v1": "jitter=0,first_bn_weight=1,tv_weight=0.001,lowres=0,batch_size=256,competition=0,colour=0",  # before issue 20
     "di-400": "iterations=400",
-    "adaptive-colour": "batch_size=128,competition=1,colour=0.2",  # issue 32: wins on MNIST-M, loses on MNIST
+    "di-v2": "batch_size=256,competition=0,colour=0",  # plain DeepInversion, the default from issue 20 to issue 32
+    "adi": "colour=0",  # Adaptive DeepInversion without colour jitter
+    "colour-always": "colour_agreement=0",  # colour jitter whatever the model: wins on MNIST-M, loses on MNIST
 }
 
 

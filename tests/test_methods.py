@@ -24,7 +24,7 @@ QUICK = {
 # Recorded on main at 6ccadb9 (before the method seam) with /tmp's fingerprint script: the same runs through
 # protect_map / protect_ntp. Mask sha256, sha256 of every weight tensor (sorted by name), accuracies.
 # CPU with AVX512 capability, torch 2.14.1, 2 threads.
-SYN = ["synth.n=128", "synth.batch_size=64", "synth.iterations=10"]
+SYN = ["synth.n=128", "synth.batch_size=64", "synth.iterations=10", "synth.competition=0", "synth.colour=0"]  # plain DI
 FINGERPRINTS = {
     "map_sa": ("map", TGT, ["epochs=2", "repair_epochs=1"],
                "5b80929711760c3f380c0f13e7a0175c1b58c5cd53db3889257a87936e816dde",

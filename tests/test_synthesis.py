@@ -66,6 +66,26 @@ def test_confidence_filter_keeps_the_surest_per_class(teacher_and_test):
     assert len(kx) == 100 and np.bincount(ky, minlength=10).tolist() == [10] * 10
 
 
+def test_competition_student_for_a_model_outside_the_registry(teacher_and_test):
+    """The default recipe's competition student is a fresh copy of the teacher when its architecture is not in
+    the registry (an imported vendor model): every layer re-initialised, the teacher and its outputs untouched,
+    and a second batch made against the student."""
+    from edgeguard.methods.synthesis import _competition_student
+
+    teacher, _ = teacher_and_test
+    outside = copy.deepcopy(teacher)
+    outside.arch = "vendorpkg.models:their_net"  # as an imported model's card names it
+    before = {k: v.clone() for k, v in outside.state_dict().items()}
+    student = _competition_student(outside, 10, SynthesisConfig(), "cpu")
+    assert type(student) is type(outside) and not any(p.requires_grad for p in student.parameters())
+    changed = [k for k, v in student.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert len(changed) >= len(before) // 2, changed  # weights and BN statistics reset, not the teacher's
+    x, y = synthesize(outside, 10, SynthesisConfig(n=16, batch_size=8, iterations=3, student_steps=2, init="noise"),
+                      "cpu")
+    assert x.shape == (16, 3, 32, 32) and len(y) == 16
+    assert all(torch.equal(v, before[k]) for k, v in outside.state_dict().items())
+
+
 def test_bad_synthesis_settings_are_refused():
     for bad in (dict(recipe="gan"), dict(lowres=1.0), dict(oversample=0.5), dict(jitter=-1), dict(colour=-0.1),
                 dict(competition=-1), dict(student_steps=0), dict(relabel=1.0)):

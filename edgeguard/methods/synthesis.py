@@ -2,9 +2,10 @@
 
 - `synthesize`: the pseudo-source by DeepInversion (`synthesize_deepinversion`: optimise each batch's pixels
   so that every BatchNorm layer's batch statistics match its running ones, with CE to sampled labels, image
-  priors, per-step translation and a half-resolution start; as settings, off by default: colour jitter, the
-  Adaptive DeepInversion competition with a student distilled on the earlier batches, and relabelling of
-  restyled target images after restyling, which win on a colour source and lose on a grey one). Then an optional class-balanced confidence
+  priors, per-step translation, a half-resolution start and the Adaptive DeepInversion competition with a
+  student distilled on the earlier batches, which wins on grey and colour sources alike, and per-image colour
+  jitter where the model ignores colour (it wins on a colour source and loses on a grey one, and the model's own
+  answers tell the two apart); as a setting, relabelling of restyled target images after restyling). Then an optional class-balanced confidence
   filter (a generator recipe was measured and removed: RESULTS, "MAP without source data (issue 20)"). Models
   without BatchNorm get a clear error (the statistics are the only trace of the source data they keep).
 - `neighbour_domains`: "neighbour domains" made from pseudo-source images by strong style, colour and
@@ -15,6 +16,7 @@ the measurements that chose the defaults: benchmarks/RESULTS.md, "Pseudo-source 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -35,7 +37,7 @@ from ..config import param
 from ..devices import resolve_device
 from ..errors import EdgeguardError
 from ..inputspec import DIGITS_INPUT, InputSpec
-from ..models.registry import create_model, input_of
+from ..models.registry import create_model, input_of, list_models
 from ..progress import progress
 from ..training import augment, distillation_loss, normalize
 
@@ -48,7 +50,7 @@ class SynthesisConfig:
 
     recipe: str = param("deepinversion", "deepinversion: optimise the pixels of each batch", choices=RECIPES)
     n: int = param(1024, "pseudo-source images to keep")
-    batch_size: int = param(256, "images optimised together (with competition: several batches, the student "
+    batch_size: int = param(128, "images optimised together (with competition: several batches, the student "
                             "learns from the earlier ones)")
     iterations: int = param(200, "Adam steps per batch")
     lr: float = param(0.1, "Adam learning rate on the pixels")
@@ -61,10 +63,13 @@ class SynthesisConfig:
     jitter: int = param(2, "random translation (pixels, wrap-around) of the images at every step")
     flip: bool = param(False, "random horizontal flips at every step (for mirror-symmetric classes only)")
     lowres: float = param(0.5, "share of the iterations optimised at half resolution first (multi-resolution)")
-    colour: float = param(0.0, "per-image brightness and per-channel offset jitter at every step (strength, in "
-                          "normalised units; 0 = off; 0.2 with competition for colour sources, RESULTS)")
-    competition: float = param(0.0, "Adaptive DeepInversion: weight of the teacher–student disagreement term "
-                               "(a student distilled on the batches made so far; 0 = off; 1 for colour sources)")
+    colour: float = param(0.2, "per-image brightness and per-channel offset jitter at every step (strength, in "
+                          "normalised units; 0 = off), used only where the model ignores it (colour_agreement)")
+    colour_agreement: float = param(0.85, "colour jitter joins from the second batch on only if the model's answers "
+                                    "on the first batch survive it this often (0 = from the start, whatever the "
+                                    "model; six grey-digit models kept 0.43-0.78, a colour one 0.93)")
+    competition: float = param(1.0, "Adaptive DeepInversion: weight of the teacher–student disagreement term "
+                               "(a student distilled on the batches made so far; 0 = off, plain DeepInversion)")
     student_steps: int = param(100, "student distillation steps after each batch (competition only)")
     relabel: float = param(0.0, "images started from target images: share of the iterations restyled without "
                            "CE before their labels are read from the restyled images (0: the model's answers on "
@@ -82,6 +87,8 @@ class SynthesisConfig:
         if min(self.bn_weight, self.first_bn_weight, self.ce_weight, self.tv_weight, self.l2_weight,
                self.jitter) < 0:
             raise EdgeguardError("synth weights and synth.jitter must be ≥ 0")
+        if not 0 <= self.colour_agreement <= 1:
+            raise EdgeguardError(f"synth.colour_agreement is a share in [0, 1], got {self.colour_agreement}")
         if min(self.colour, self.competition) < 0 or self.student_steps < 1:
             raise EdgeguardError("synth.colour and synth.competition must be ≥ 0 and synth.student_steps ≥ 1")
         if not 0 <= self.relabel < 1:
@@ -151,14 +158,19 @@ def _js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _competition_student(model: nn.Module, num_classes: int, cfg: SynthesisConfig, dev) -> nn.Module:
-    """A fresh model of the teacher's architecture (seeded by cfg.seed, the global RNG left alone)."""
+    """A fresh model of the teacher's architecture, seeded by cfg.seed with the global RNG left alone: the
+    registry's for a registered one, else (an imported model) a copy with every layer's parameters reset."""
     arch = getattr(model, "arch", None)
-    if arch is None:
-        raise EdgeguardError("synth.competition needs a registered architecture for its student; "
-                             "set synth.competition=0 for this model")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        student = create_model(arch, num_classes, input_of(model)).to(dev).eval()
+        if arch in list_models():
+            student = create_model(arch, num_classes, input_of(model))
+        else:
+            student = copy.deepcopy(model)
+            for m in student.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+    student = student.to(dev).eval()
     for p in student.parameters():
         p.requires_grad_(False)
     return student
@@ -201,14 +213,89 @@ def _batch_start(model: nn.Module, init_images: np.ndarray | None, offset: int, 
     return (torch.randn(size, c, full_h * res // full_w, res, generator=gen) * 0.5).to(dev), y, res
 
 
+@dataclass
+class _Inversion:
+    """What every batch of one synthesis run shares: the frozen model, its BN hook, the competition student,
+    the pixel range, the generator, the progress ticks and the history."""
+
+    model: nn.Module
+    cfg: SynthesisConfig
+    hook: BNStatHook
+    student: nn.Module | None
+    spec: InputSpec
+    lo: torch.Tensor
+    hi: torch.Tensor
+    gen: torch.Generator
+    ticks: object
+    history: list | None
+
+
+def colour_agreement(model: nn.Module, x_norm: torch.Tensor, cfg: SynthesisConfig) -> float:
+    """Share of images whose frozen-model answer survives `cfg.colour` jitter (one fixed-seed draw): near 1 for a
+    model that learned to ignore colour, low for one that never saw any (a grey-digit model)."""
+    views = replace(cfg, jitter=0, flip=False)
+    with torch.no_grad():
+        plain = model(x_norm).argmax(1)
+        jittered = model(_perturb(x_norm, views, torch.Generator().manual_seed(cfg.seed))).argmax(1)
+    return float((plain == jittered).float().mean())
+
+
+def _invert_batch(run: _Inversion, b: int, x0: torch.Tensor, y: torch.Tensor, res: int, relabel_at: int,
+                  colour: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise one batch from its start `x0` (at width `res`, lifted to full width after the low-resolution
+    share) for cfg.iterations Adam steps; the images (normalised, full size) and their labels."""
+    cfg, model, hook = run.cfg, run.model, run.hook
+    views = cfg if colour else replace(cfg, colour=0.0)
+    _, full_h, full_w = run.spec.shape
+    low_iters = int(round(cfg.lowres * cfg.iterations))
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
+    for i in range(cfg.iterations):
+        next(run.ticks, None)
+        if relabel_at and i == relabel_at:  # read the labels on the restyled images, not the raw ones
+            with torch.no_grad():
+                y = model(x.detach()).argmax(1)
+            hook.pop()
+        if res != full_w and i == low_iters:  # multi-resolution: continue at full resolution
+            with torch.no_grad():
+                x = F.interpolate(x.detach(), size=(full_h, full_w), mode="bilinear", align_corners=False)
+            x.requires_grad_(True)
+            state = opt.state_dict()["param_groups"][0]
+            opt = torch.optim.Adam([x], lr=state["lr"], betas=(0.5, 0.9))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - i)
+            res = full_w
+        full = x if res == full_w else F.interpolate(x, size=(full_h, full_w), mode="bilinear", align_corners=False)
+        hook.pop()
+        seen = _perturb(full, views, run.gen)
+        logits = model(seen)
+        bn = hook.pop()
+        ce_weight = 0.0 if i < relabel_at else cfg.ce_weight
+        loss = (ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
+                + cfg.tv_weight * _tv(full) + cfg.l2_weight * full.pow(2).mean())
+        if run.student is not None and b > 0:  # Adaptive DeepInversion: seek what the student gets wrong
+            loss = loss + cfg.competition * (1 - _js(logits, run.student(seen)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.data = torch.max(torch.min(x.data, run.hi), run.lo)
+        if run.history is not None and (i % 20 == 0 or i == cfg.iterations - 1):
+            run.history.append({"batch": b, "iteration": i, "bn_distance": float(bn.detach()),
+                                "loss": float(loss.detach())})
+    return x.detach(), y
+
+
 def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisConfig, device: str = "auto",
                              history: list | None = None, init_images: np.ndarray | None = None,
                              count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """DeepInversion: optimise each batch's pixels so that every BatchNorm layer's batch statistics match its
-    running ones, with CE to balanced sampled labels, TV and L2 priors, per-step colour jitter, translation and
-    flip, an optional half-resolution start, Adam with a cosine learning rate. With `cfg.competition` a student
-    is distilled on the batches made so far and each new batch also seeks the teacher–student disagreement
-    (Adaptive DeepInversion), so later batches cover what earlier ones left out.
+    running ones, with CE to balanced sampled labels, TV and L2 priors, per-step translation and flip, an
+    optional half-resolution start, Adam with a cosine learning rate. With `cfg.competition` a student is
+    distilled on the batches made so far and each new batch also seeks the teacher–student disagreement
+    (Adaptive DeepInversion), so later batches cover what earlier ones left out. Colour jitter joins the views
+    from the second batch on where the model ignores it on the first (`colour_agreement`).
 
     With `init_images` (uint8, e.g. the defender's target images) the optimisation starts from them: the first
     `cfg.relabel` share of the steps restyles them without CE, then the frozen model's answers on the restyled
@@ -219,67 +306,34 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
     dev = resolve_device(device)
     model = model.to(dev)
     count = count or cfg.n
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     xs, ys = [], []
-    hook = BNStatHook(layers, cfg.first_bn_weight)
+    student = _competition_student(model, num_classes, cfg, dev) if cfg.competition > 0 else None  # before the hook
     spec = input_of(model)
-    c, full_h, full_w = spec.shape
-    lo, hi = _pixel_range(dev, spec)
-    low_iters = int(round(cfg.lowres * cfg.iterations))
-    student = _competition_student(model, num_classes, cfg, dev) if cfg.competition > 0 else None
+    n_batches = -(-count // cfg.batch_size)
+    ticks = iter(progress(range(n_batches * cfg.iterations), desc="synthesise", total=n_batches * cfg.iterations))
+    run = _Inversion(model, cfg, BNStatHook(layers, cfg.first_bn_weight), student, spec, *_pixel_range(dev, spec),
+                     torch.Generator(device="cpu").manual_seed(cfg.seed), ticks, history)
+    colour = cfg.colour > 0 and cfg.colour_agreement == 0
+    relabel_at = int(round(cfg.relabel * cfg.iterations)) if init_images is not None else 0
     try:
-        n_batches = -(-count // cfg.batch_size)
-        bar = progress(range(n_batches * cfg.iterations), desc="synthesise", total=n_batches * cfg.iterations)
-        it = iter(bar)
         for b in range(n_batches):
             size = min(cfg.batch_size, count - b * cfg.batch_size)
-            x0, y, res = _batch_start(model, init_images, b * cfg.batch_size, size, num_classes, low_iters > 0,
-                                      gen, dev)
-            x = x0.clone().requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
-            relabel_at = int(round(cfg.relabel * cfg.iterations)) if init_images is not None else 0
-            for i in range(cfg.iterations):
-                next(it, None)
-                if relabel_at and i == relabel_at:  # read the labels on the restyled images, not the raw ones
-                    with torch.no_grad():
-                        y = model(x.detach()).argmax(1)
-                    hook.pop()
-                if res != full_w and i == low_iters:  # multi-resolution: continue at full resolution
-                    with torch.no_grad():
-                        x = F.interpolate(x.detach(), size=(full_h, full_w), mode="bilinear", align_corners=False)
-                    x.requires_grad_(True)
-                    state = opt.state_dict()["param_groups"][0]
-                    opt = torch.optim.Adam([x], lr=state["lr"], betas=(0.5, 0.9))
-                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - i)
-                    res = full_w
-                full = x if res == full_w else F.interpolate(x, size=(full_h, full_w), mode="bilinear",
-                                                              align_corners=False)
-                hook.pop()
-                seen = _perturb(full, cfg, gen)
-                logits = model(seen)
-                bn = hook.pop()
-                ce_weight = 0.0 if i < relabel_at else cfg.ce_weight
-                loss = (ce_weight * F.cross_entropy(logits, y) + cfg.bn_weight * bn
-                        + cfg.tv_weight * _tv(full) + cfg.l2_weight * full.pow(2).mean())
-                if student is not None and b > 0:  # Adaptive DeepInversion: seek what the student gets wrong
-                    loss = loss + cfg.competition * (1 - _js(logits, student(seen)))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    x.data = torch.max(torch.min(x.data, hi), lo)
-                if history is not None and (i % 20 == 0 or i == cfg.iterations - 1):
-                    history.append({"batch": b, "iteration": i, "bn_distance": float(bn.detach()),
-                                    "loss": float(loss.detach())})
-            xs.append(_to_uint8(x.detach(), spec).cpu())
+            x0, y, res = _batch_start(model, init_images, b * cfg.batch_size, size, num_classes,
+                                      int(round(cfg.lowres * cfg.iterations)) > 0, run.gen, dev)
+            x, y = _invert_batch(run, b, x0, y, res, relabel_at, colour)
+            if b == 0 and n_batches > 1 and cfg.colour > 0 and not colour:
+                kept = colour_agreement(model, x, cfg)
+                run.hook.pop()
+                colour = kept >= cfg.colour_agreement
+                if history is not None:
+                    history.append({"batch": 0, "colour_agreement": kept, "colour": colour})
+            xs.append(_to_uint8(x, spec).cpu())
             ys.append(y.cpu())
             if student is not None and b < n_batches - 1:
-                _distil_student(student, model, torch.cat(xs), cfg.student_steps, spec, gen)
-                hook.pop()  # the teacher's passes there are not a batch being made
+                _distil_student(student, model, torch.cat(xs), cfg.student_steps, spec, run.gen)
+                run.hook.pop()  # the teacher's passes there are not a batch being made
     finally:
-        hook.close()
+        run.hook.close()
     return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(np.int64)
 
 
