@@ -67,7 +67,7 @@ class SynthesisConfig:
                           "normalised units; 0 = off), used only where the model ignores it (colour_agreement)")
     colour_agreement: float = param(0.85, "colour jitter joins from the second batch on only if the model's answers "
                                     "on the first batch survive it this often (0 = from the start, whatever the "
-                                    "model; six grey-digit models kept 0.43-0.78, a colour one 0.93)")
+                                    "model; grey-digit and colour models measured apart: RESULTS)")
     competition: float = param(1.0, "Adaptive DeepInversion: weight of the teacher–student disagreement term "
                                "(a student distilled on the batches made so far; 0 = off, plain DeepInversion)")
     student_steps: int = param(100, "student distillation steps after each batch (competition only)")
