@@ -31,7 +31,9 @@ FIRST_SEED=${FIRST_SEED:-0}
 DEV=cuda ARCH=resnet18 TRAIN_EPOCHS="" STEPS_SCALE=1 GRID_ARGS="" EPOCHS_GRID=30 SUITE=standard SUITE_SEEDS=3
 EXECUTOR=processes
 HARDEN_TINY="" LIMIT_SCALE=1
-CAMERA_ARGS="--archs resnet18 --sizes 224 --epochs 30" CAMERA_MAP="--arch resnet18 --size 224 --epochs 30"
+CAMERA_ARGS=${CAMERA_ARGS-"--archs resnet18 --sizes 224 --epochs 30"}  # empty: skip the reference-model step
+CAMERA_MAP=${CAMERA_MAP:-"--arch resnet18 --size 224 --epochs 30"} CAMERA_SET=${CAMERA_SET:-}
+CAMERA_SETTINGS=${CAMERA_SETTINGS:-source-available source-free data-free}  # #29's row, then #32's PACS rows
 if (( DRY )); then
     DEV=cpu ARCH=small_cnn SRC=mnist_sample TGT=usps_sample TRAIN_EPOCHS="--epochs 1" STEPS_SCALE=0 EPOCHS_GRID=1
     GRID_ARGS="--grid 0.05,0.2" SUITE=paper SUITE_SEEDS=1 WORKERS=1 EXECUTOR=local DEADLINE=${DRY_DEADLINE:-1800}
@@ -40,8 +42,10 @@ if (( DRY )); then
     MAP_CONFIG='{"epochs":1,"repair_epochs":1}'
     HARDEN_TINY="--suite paper --csv $OUT/harden_frontier.csv --set outer_steps=2 --set eval_every=1 --set attacks=1
         --set inner_steps=2 --set suppress_every=1 --set proxy_steps=2"
-    CAMERA_ARGS="" CAMERA_MAP="--arch small_cnn --size 64 --epochs 1 --seeds 0
-        --targets pacs_art --set epochs=1 repair_epochs=0 max_source=256 max_target=256"
+    CAMERA_ARGS="" CAMERA_MAP="--arch small_cnn --size 64 --epochs 1 --seeds 0 --targets pacs_art"
+    CAMERA_SET="epochs=1 repair_epochs=0 max_source=256 max_target=256 synth.n=32 synth.iterations=2
+        synth.student_steps=1"
+    CAMERA_SETTINGS=source-free  # the synthesis path; source-available MAP is the same bench code
     export EDGEGUARD_RESULTS=$OUT/RESULTS.dry-run.md
 fi
 mkdir -p "$OUT" "$R"
@@ -110,11 +114,17 @@ run_eval() {  # #4's "done when": a readable report of the unprotected resnet18 
     step 120 $EG evaluate "$R/r18_$SRC.safetensors" --target "$TGT" --attack direct-all/masked --attack direct-all/free \
         --report "$R/r18_${SRC}_${TGT}_report" --workers "$WORKERS" --device $DEV $GRID_ARGS $( (( DRY )) && echo --epochs 1)
 }
-run_camera() {  # #29's 224-px rows: the source model and MAP on PACS (needs pacs/ in the data root: photo + art
-    # are 61 MB, so carry them alone, e.g. EDGEGUARD_DATA_ROOT=gpu_data with gpu_data/pacs/{photo,art_painting})
+run_camera() {  # #29's and #32's 224-px rows: the source model, then MAP on PACS in each of CAMERA_SETTINGS (needs
+    # pacs/ in the data root: photo + art + cartoon, so carry them alone, e.g. EDGEGUARD_DATA_ROOT=gpu_data with
+    # gpu_data/pacs/{photo,art_painting,cartoon}). #32 alone in one call:
+    #   CAMERA_ARGS= CAMERA_MAP="--arch resnet18 --size 224 --epochs 30 --seeds 0" CAMERA_SETTINGS=source-free \
+    #       bash benchmarks/gpu_session.sh camera      (then data-free, then seeds 1 and 2: one call each, unmeasured)
     if [[ ! -d ${EDGEGUARD_DATA_ROOT:-/nonexistent}/pacs/photo ]]; then echo "=== SKIP camera: no pacs/ in the data root"; return; fi
     [[ -n $CAMERA_ARGS ]] && step 240 python3 benchmarks/bench_camera.py ref $CAMERA_ARGS  # the dry run: map trains one
-    step 300 python3 benchmarks/bench_camera.py map $CAMERA_MAP
+    local setting
+    for setting in $CAMERA_SETTINGS; do
+        step 270 python3 benchmarks/bench_camera.py map $CAMERA_MAP --set setting=$setting $CAMERA_SET
+    done
 }
 steps=("$@")
 (( ${#steps[@]} )) || steps=(env throughput train grid suite ntp map harden eval camera)

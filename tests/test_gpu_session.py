@@ -28,7 +28,7 @@ def test_gpu_session_dry_run_runs_every_step(tmp_path):
     assert len(steps) >= 9 and "=== SKIP (" not in log, log[-3000:]
     dry = (tmp_path / "out" / "RESULTS.dry-run.md").read_text()
     sections = ["Training throughput", "Attack grid wall time", "NTP protection", "MAP protection", "Hardening"]
-    for section in sections + (["MAP source-available on PACS"] if pacs.is_dir()
+    for section in sections + (["MAP source-free on PACS"] if pacs.is_dir()
                                else []):
         assert section in dry, section
     assert results.read_bytes() == before  # a dry run never writes the project's record
