@@ -79,6 +79,10 @@ class SynthesisConfig:
     init: str = param("auto", "start from noise, from the defender's target images, both (the two sets "
                         "together), or auto (target where there are some)", choices=("auto", "noise", "target", "both"))
 
+    def low_iterations(self) -> int:
+        """Steps of each batch at half resolution (multi-resolution start); 0 = full resolution throughout."""
+        return int(round(self.lowres * self.iterations))
+
     def validate(self) -> None:
         if self.recipe not in RECIPES:
             raise EdgeguardError(f"synth.recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
@@ -247,7 +251,7 @@ def _invert_batch(run: _Inversion, b: int, x0: torch.Tensor, y: torch.Tensor, re
     cfg, model, hook = run.cfg, run.model, run.hook
     views = cfg if colour else replace(cfg, colour=0.0)
     _, full_h, full_w = run.spec.shape
-    low_iters = int(round(cfg.lowres * cfg.iterations))
+    low_iters = cfg.low_iterations()
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
@@ -319,7 +323,7 @@ def synthesize_deepinversion(model: nn.Module, num_classes: int, cfg: SynthesisC
         for b in range(n_batches):
             size = min(cfg.batch_size, count - b * cfg.batch_size)
             x0, y, res = _batch_start(model, init_images, b * cfg.batch_size, size, num_classes,
-                                      int(round(cfg.lowres * cfg.iterations)) > 0, run.gen, dev)
+                                      cfg.low_iterations() > 0, run.gen, dev)
             x, y = _invert_batch(run, b, x0, y, res, relabel_at, colour)
             if b == 0 and n_batches > 1 and cfg.colour > 0 and not colour:
                 kept = colour_agreement(model, x, cfg)
