@@ -237,7 +237,7 @@ def test_distil_source_copies_the_source_function_without_reading_labels(mnist_m
 
     _, test = mnist
     d = get_domain("mnist", data_root)
-    train = TensorData.from_numpy(d.train_x[-4000:], d.train_y[-4000:])  # 313 distillation steps
+    train = TensorData.from_numpy(d.train_x[-2000:], d.train_y[-2000:])  # 157 steps: 88.7 % (4,000: 94.9 %)
     usps = get_domain("usps", data_root)
     target = TensorData.from_numpy(usps.train_x[:100], usps.train_y[:100])
     recipe = parse_attack("direct-all/free", lr=1e-3, epochs=1, pre="distil-source", source_fraction=0.1)

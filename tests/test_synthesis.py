@@ -18,7 +18,7 @@ from edgeguard.methods.synthesis import SynthesisConfig, keep_confident, synthes
 from edgeguard.models.registry import input_of
 from edgeguard.training import TensorData
 
-BUDGET = dict(n=256, batch_size=128, iterations=120, seed=0, init="noise", student_steps=30)
+BUDGET = dict(n=256, batch_size=128, iterations=80, seed=0, init="noise", student_steps=30)  # 120: 28.2 %, 37 s
 CHECK = FidelityConfig(steps=300)
 
 
@@ -38,7 +38,7 @@ def test_recipe_distils_a_student_well_above_chance(teacher_and_test):
     assert x_new.shape == (256, 3, 32, 32) and x_new.dtype == np.uint8
     assert np.bincount(y_new, minlength=10).min() >= 25  # balanced labels
     new = distilled_accuracy(teacher, x_new, test, CHECK, "cpu")
-    assert new > 0.18, new  # chance is 10 %; measured 26.1 % with plain DeepInversion (the default until issue 32)
+    assert new > 0.18, new  # chance is 10 %; measured 28.8 % (26.1 % with plain DeepInversion, at 120 iterations)
 
 
 def test_fidelity_report_on_real_source_images_is_near_one(teacher_and_test):
